@@ -1,0 +1,142 @@
+"""End to end: one TS-Align run on tiny random Hugging Face checkpoints, resume, and the command-line errors."""
+import json
+import os
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import model
+import tsalign
+from conftest import make_checkpoint
+
+WORDS = [str(i) for i in range(10)] + ["user", "assistant", "\n"] + list("abcdefghij")
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+
+
+def word_tokenizer():
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A policy (Llama), a student (a Qwen2 causal LM that gets a fresh head) and a teacher (a GPT-2
+    reward model), all sharing a 28-token word-level tokenizer, and a prompts file."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = word_tokenizer()
+    V = tok.get_vocab_size()
+    ids = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    dirs = {"policy": make_checkpoint(root / "policy", "llama", seed=1, **ids),
+            "student": make_checkpoint(root / "student", "qwen2", seed=2, **ids),
+            "teacher": make_checkpoint(root / "teacher", "gpt2", reward=True, seed=3, **ids)}
+    for d in dirs.values():
+        tok.save(os.path.join(d, "tokenizer.json"))
+    # A random policy rarely says EOS; a few more stop ids (read from generation_config.json, as for
+    # Llama-3) make most responses finish within --max-new-tokens, so that pairs get mined.
+    with open(os.path.join(dirs["policy"], "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [2, 4] + [tok.token_to_id(c) for c in "abcde"]}, f)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(" ".join(WORDS[(i * 7 + j) % 23] for j in range(3 + i % 4)) for i in range(40)) + "\n")
+    return {**dirs, "prompts": str(prompts), "root": root}
+
+
+def argv(w, out, *extra):
+    return ["--policy", w["policy"], "--student", w["student"], "--teacher", w["teacher"], "--prompts", w["prompts"],
+            "--prompt-format", "chatml", "--k", "4", "--prompts-per-round", "12", "--max-new-tokens", "16",
+            "--eval-count", "6", "--batch-size", "4", "--lr", "1e-3", "--student-lr", "1e-3", "--out", str(out),
+            "--student-warmup", "4", "--device", "cpu", *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def without_seconds(rows):
+    return [{k: v for k, v in m.items() if k != "seconds"} for m in rows]
+
+
+def test_two_rounds_end_to_end(world, tmp_path):
+    out = tmp_path / "run"
+    tsalign.main(argv(world, out, "--rounds", "2"))
+    rows = metrics(out)
+    assert [m["round"] for m in rows] == [0, 1, 2]
+    assert rows[0]["win_rate_vs_base"] == 0.5  # the base policy against itself: all ties
+    assert rows[0]["teacher_calls_warmup"] >= 2
+    for m in rows[1:]:
+        assert m["prompts"] == 12
+        assert m["pairs"] + sum(m["pairs_dropped"].values()) == 12  # every prompt accounted for
+        # ts-align: the teacher sees exactly two responses per prompt that reached it
+        assert m["teacher_calls"] <= 2 * 12 < m["teacher_calls_if_scoring_all"]
+        assert m["win_rate_judge"] == "teacher"
+        assert 0 <= m["win_rate_vs_base"] <= 1
+    assert any(m["pairs"] > 0 for m in rows[1:]), "no pairs mined: the test world is too weak to test anything"
+    r = next(m for m in rows[1:] if m["pairs"] > 0)
+    assert abs(r["dpo_first_loss"] - 0.6931) < 1e-3  # the policy equals its reference at the first step
+    pairs = [json.loads(line) for line in open(out / f"round_{r['round']}" / "pairs.jsonl")]
+    for p in pairs:
+        assert p["chosen"] != p["rejected"]
+        assert p["chosen_finished"] and p["rejected_finished"]
+        assert p["margin"] > 0
+    # The saved policy loads in transformers and agrees with ours.
+    import transformers
+    ours = model.load_model(str(out / "round_2" / "policy"))
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out / "round_2" / "policy", dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max() < 1e-4
+    assert os.path.exists(out / "round_2" / "policy" / "tokenizer.json")
+    assert os.path.exists(out / "round_2" / "student" / "config.json")
+    cfg = json.load(open(out / "config.json"))
+    assert cfg["k"] == 4 and cfg["selection"] == "ts-align"
+
+
+def test_resume_equals_uninterrupted(world, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    tsalign.main(argv(world, full, "--rounds", "2"))
+    tsalign.main(argv(world, part, "--rounds", "1"))
+    tsalign.main(["--resume", "--out", str(part), "--rounds", "2"])  # saved options are reused
+    assert without_seconds(metrics(full)) == without_seconds(metrics(part))
+    a = model.load_model(str(full / "round_2" / "policy"))
+    b = model.load_model(str(part / "round_2" / "policy"))
+    for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(x, y), n
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rounds", "0"], "--rounds must be at least 1"),
+    (["--k", "1"], "--k must be at least 2"),
+    (["--prompt-format", "nope"], "unknown prompt format 'nope'"),
+    (["--policy", "/nonexistent/policy"], "does not exist"),
+])
+def test_bad_options_fail_with_one_line(world, tmp_path, capsys, extra, message):
+    with pytest.raises(SystemExit) as e:
+        tsalign.main(argv(world, tmp_path / "run") + extra)
+    assert e.value.code != 0
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_bad_prompts_file_names_the_line(world, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a b"}\n{"prompt": 3}\n')
+    with pytest.raises(SystemExit):
+        tsalign.main(argv(world, tmp_path / "run") + ["--prompts", str(bad)])
+    assert "line 2" in capsys.readouterr().err
+
+
+def test_existing_run_is_never_overwritten(world, tmp_path, capsys):
+    out = tmp_path / "run"
+    tsalign.main(argv(world, out, "--rounds", "1"))
+    before = open(out / "metrics.jsonl").read()
+    with pytest.raises(SystemExit):
+        tsalign.main(argv(world, out, "--rounds", "1"))
+    assert "holds another run" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tsalign.main(["--resume", "--out", str(out), "--k", "6"])
+    assert "options differ" in capsys.readouterr().err
+    assert open(out / "metrics.jsonl").read() == before

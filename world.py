@@ -1,0 +1,229 @@
+"""
+The embedded default world: a task small enough to measure everything, built by code on first use.
+
+Task: sort 4-7 digits. A prompt is "3 1 4 1 5", the right answer "1 1 3 4 5".
+Oracle: the share of positions that match the sorted answer, over the longer of the two (partial credit;
+a wrong length costs). It plays the paper's GPT-4 judge: it builds the world and grades evaluations, and
+never gives a training signal inside the rounds.
+
+Why this world shows what the paper claims (see ../shared/DEFAULT_WORLD.md for the measurements behind it):
+- The base policy is SFT on demonstrations whose *mode is wrong*: most of them drop the largest digit.
+  Greedy decoding then copies the flaw almost always, while sampling still finds right answers now and
+  then: there is room to improve, and the K samples contain the fix for preferences to find.
+- The teacher (the largest reward model, initialised from the base policy) is trained on many
+  oracle-labelled pairs: good, not perfect. The student (a much smaller model) is trained on few: weak.
+  Student-only selection lets the policy game the weak student; the teacher's verdict keeps it honest.
+
+The three models are ordinary Hugging Face checkpoints (LlamaForCausalLM, LlamaForSequenceClassification)
+with a `tokenizers` word-level tokenizer, cached under ~/.cache/tsalign/ keyed by this file's code and
+settings, and loaded back through model.load_model like any real checkpoint.
+"""
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+
+import data
+import model
+import train_loop
+
+# -----------------------------------------------------------------------------
+# Settings (part of the cache key)
+
+SETTINGS = dict(
+    min_len=4, max_len=7,
+    flawed=0.65, noisy=0.10,             # demonstrations: largest digit dropped / random corruption / rest correct
+    policy=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192),
+    student=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64),
+    sft_examples=64_000, sft_lr=3e-3,    # base policy
+    student_sft_examples=16_000,         # the student's language model, before its reward head
+    teacher_pairs=8_000, teacher_lr=2e-3, teacher_epochs=3,
+    student_pairs=400, student_lr=1e-3, student_epochs=3,
+    seed=1234,
+)
+FORMAT = "digits"
+MAX_NEW_TOKENS = 10  # the longest answer is 7 digits + EOS
+
+# The run settings this world picks for itself (tsalign.py uses them unless told otherwise):
+# - beta 2: answers are ~6 tokens, so a small beta (0.1) needs huge per-token log-ratio changes before the
+#   DPO loss saturates, and drove the prototype's policy to collapse; beta 1-2 kept it healthy.
+# - ~1,000 prompts per round: pairs from 256 prompts were too few for DPO to move the greedy answer.
+RUN_DEFAULTS = dict(beta=2.0, prompts_per_round=1024, eval_prompts=2000, k=8, min_margin=0.1,
+                    max_new_tokens=MAX_NEW_TOKENS, lr=3e-4, epochs=2, batch_size=64,
+                    student_lr=5e-4, student_epochs=2)
+
+SPECIALS = ["<pad>", "<bos>", "<sep>", "<eos>"]
+
+
+# -----------------------------------------------------------------------------
+# The task and its oracle
+
+def random_prompt(rng):
+    n = rng.randint(SETTINGS["min_len"], SETTINGS["max_len"])
+    return " ".join(str(rng.randint(0, 9)) for _ in range(n))
+
+
+def oracle(prompt, response):
+    """Score in [0, 1]: matching positions against the sorted answer, over the longer length."""
+    answer = sorted(prompt.split())
+    got = response.split()
+    right = sum(a == b for a, b in zip(answer, got))
+    return right / max(len(answer), len(got))
+
+
+def demonstration(prompt, rng):
+    """An imperfect demonstration. The dominant flaw (drop the largest digit) becomes the SFT mode."""
+    digits = sorted(prompt.split())
+    u = rng.random()
+    if u < SETTINGS["flawed"]:
+        digits = digits[:-1]
+    elif u < SETTINGS["flawed"] + SETTINGS["noisy"]:
+        i = rng.randrange(len(digits))
+        kind = rng.choice(["swap", "replace", "drop", "duplicate"])
+        if kind == "swap" and i + 1 < len(digits):
+            digits[i], digits[i + 1] = digits[i + 1], digits[i]
+        elif kind == "replace":
+            digits[i] = str(rng.randint(0, 9))
+        elif kind == "drop":
+            digits.pop(i)
+        else:
+            digits.insert(i, digits[i])
+    return " ".join(digits)
+
+
+def make_tokenizer():
+    vocab = {t: i for i, t in enumerate(SPECIALS + [str(d) for d in range(10)])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+def hf_config(arch, sizes, tok):
+    return dict(architectures=[arch], model_type="llama", vocab_size=tok.get_vocab_size(), hidden_act="silu",
+                max_position_embeddings=32, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+                bos_token_id=tok.token_to_id("<bos>"), eos_token_id=tok.token_to_id("<eos>"),
+                pad_token_id=tok.token_to_id("<pad>"), initializer_range=0.02, torch_dtype="float32", **sizes)
+
+
+def fresh_lm(sizes, tok, seed):
+    torch.manual_seed(seed)
+    lm = model.CausalLM(model.config_from_hf(hf_config("LlamaForCausalLM", sizes, tok)))
+    for name, p in lm.named_parameters():  # GPT-2-style small init; norms start at one
+        if p.dim() > 1:
+            torch.nn.init.normal_(p, std=0.02)
+    return lm
+
+
+# -----------------------------------------------------------------------------
+# Builders
+
+def _quiet(**kw):
+    return train_loop.TrainConfig(**kw, progress=True)
+
+
+def build_policy(tok, rng, examples, seed, lr, sizes, desc):
+    """A causal LM trained with SFT on imperfect demonstrations."""
+    lm = fresh_lm(sizes, tok, seed)
+    ex = []
+    for _ in range(examples):
+        p = random_prompt(rng)
+        ex.append((data.encode_prompt(tok, FORMAT, p),
+                   tok.encode(demonstration(p, rng), add_special_tokens=False).ids + [tok.token_to_id("<eos>")]))
+    train_loop.train_sft(lm, ex, tok.token_to_id("<pad>"),
+                         _quiet(lr=lr, batch_size=256, warmup=0.05, weight_decay=0.01, seed=seed, desc=desc))
+    return lm
+
+
+def oracle_pairs(lm, tok, rng, n, seed):
+    """n pairs of distinct base-policy samples whose oracle scores differ, labelled by the oracle:
+    a list of (prompt, chosen, rejected, chosen_finished, rejected_finished)."""
+    eos = tok.token_to_id("<eos>")
+    pairs, gen = [], torch.Generator().manual_seed(seed)
+    while len(pairs) < n:
+        prompts = [random_prompt(rng) for _ in range(512)]
+        outs = model.generate(lm, [data.encode_prompt(tok, FORMAT, p) for p in prompts], MAX_NEW_TOKENS,
+                              temperature=1.0, eos_token_id=eos, generator=gen, num_samples=2)
+        for i, p in enumerate(prompts):
+            (a, fa), (b, fb) = (data.response_text(tok, o, [eos]) for o in outs[2 * i:2 * i + 2])
+            sa, sb = oracle(p, a) + fa, oracle(p, b) + fb  # a truncated answer loses to a finished one
+            if a != b and sa != sb:
+                pairs.append((p, a, b, fa, fb) if sa > sb else (p, b, a, fb, fa))
+    return pairs[:n]
+
+
+def reward_rows(tok, pairs):
+    eos = tok.token_to_id("<eos>")
+    return [(data.reward_ids(tok, FORMAT, p, c, fc, eos), data.reward_ids(tok, FORMAT, p, r, fr, eos))
+            for p, c, r, fc, fr in pairs]
+
+
+def build_reward(lm, tok, pairs, lr, epochs, seed, desc):
+    rm = model.add_reward_head(lm)
+    train_loop.train_reward(rm, reward_rows(tok, pairs), tok.token_to_id("<pad>"),
+                            _quiet(lr=lr, epochs=epochs, batch_size=64, seed=seed, desc=desc))
+    return rm
+
+
+def pair_accuracy(rm, tok, pairs):
+    rows = reward_rows(tok, pairs)
+    pad = tok.token_to_id("<pad>")
+    rc = train_loop.reward_scores(rm, [c for c, _ in rows], pad)
+    rr = train_loop.reward_scores(rm, [r for _, r in rows], pad)
+    return (rc > rr).float().mean().item()
+
+
+def build(folder):
+    """Build the tokenizer and the three models into folder (policy/, teacher/, student/)."""
+    S = SETTINGS
+    rng = random.Random(S["seed"])
+    torch.manual_seed(S["seed"])
+    tok = make_tokenizer()
+    policy = build_policy(tok, rng, S["sft_examples"], S["seed"], S["sft_lr"], S["policy"], "world: base policy (SFT)")
+    teacher_pairs = oracle_pairs(policy, tok, rng, S["teacher_pairs"] + 1000, S["seed"] + 1)
+    held_out = teacher_pairs[S["teacher_pairs"]:]
+    teacher = build_reward(policy, tok, teacher_pairs[:S["teacher_pairs"]], S["teacher_lr"], S["teacher_epochs"],
+                           S["seed"] + 2, "world: teacher")
+    student_lm = build_policy(tok, rng, S["student_sft_examples"], S["seed"] + 3, S["sft_lr"], S["student"],
+                              "world: student LM (SFT)")
+    student = build_reward(student_lm, tok, teacher_pairs[:S["student_pairs"]], S["student_lr"],
+                           S["student_epochs"], S["seed"] + 4, "world: student")
+    info = {"teacher_accuracy": pair_accuracy(teacher, tok, held_out),
+            "student_accuracy": pair_accuracy(student, tok, held_out),
+            "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in
+                           [("policy", policy), ("teacher", teacher), ("student", student)]}}
+    for name, m in [("policy", policy), ("teacher", teacher), ("student", student)]:
+        model.save_model(m, os.path.join(folder, name))
+        tok.save(os.path.join(folder, name, "tokenizer.json"))
+    with open(os.path.join(folder, "world.json"), "w") as f:
+        json.dump({"settings": S, **info}, f, indent=2)
+    return info
+
+
+def cache_key():
+    with open(__file__, "rb") as f:
+        code = f.read()
+    return hashlib.sha256(code + json.dumps(SETTINGS, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_world(rebuild=False):
+    """The world's folder, built on first use (or when rebuild is set), reused afterwards."""
+    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tsalign")
+    folder = os.path.join(root, f"world-{cache_key()}")
+    if rebuild and os.path.isdir(folder):
+        shutil.rmtree(folder)
+    if not os.path.exists(os.path.join(folder, "world.json")):
+        os.makedirs(root, exist_ok=True)
+        tmp = tempfile.mkdtemp(dir=root, prefix=".building-")
+        info = build(tmp)
+        if os.path.isdir(folder):
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)  # atomic: an interrupted build leaves no half-built world behind
+        print(f"built the default world in {folder}: teacher accuracy {info['teacher_accuracy']:.3f}, "
+              f"student accuracy {info['student_accuracy']:.3f} on held-out oracle pairs")
+    return folder
