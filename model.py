@@ -474,7 +474,11 @@ def _weight_files(path):
     """Hugging Face name -> the safetensors file holding it (one file, or shards listed by an index)."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        return {k: os.path.join(path, f) for k, f in _read_json(index, "weight index")["weight_map"].items()}
+        files = {k: os.path.join(path, f) for k, f in _read_json(index, "weight index")["weight_map"].items()}
+        for f in set(files.values()):
+            if not os.path.exists(f):
+                raise FileNotFoundError(f"weight shard {f} listed in {index} does not exist")
+        return files
     single = os.path.join(path, "model.safetensors")
     if not os.path.exists(single):
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
@@ -499,7 +503,10 @@ def load_model(path, device=None, dtype=None):
     hf = _read_json(os.path.join(path, "config.json"), "config")
     gen_path = os.path.join(path, "generation_config.json")
     gen = _read_json(gen_path, "generation config") if os.path.exists(gen_path) else None
-    cfg = config_from_hf(hf, gen, source=os.path.abspath(path))
+    try:
+        cfg = config_from_hf(hf, gen, source=os.path.abspath(path))
+    except KeyError as e:
+        raise ValueError(f"config.json in {path} lacks the key {e.args[0]!r}") from None
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(hf, device)
     with torch.device("meta"):  # no time spent on a random init that the checkpoint overwrites
@@ -584,6 +591,10 @@ def save_model(model, path):
     hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = str(dtype).removeprefix("torch.")
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(hf, f, indent=2, sort_keys=True)
+    # Old weights in the folder (a sharded checkpoint's index and shards) would shadow the new file on load.
+    for name in os.listdir(path):
+        if name == "model.safetensors.index.json" or (name.startswith("model-") and name.endswith(".safetensors")):
+            os.remove(os.path.join(path, name))
     save_file(hf_state_dict(model), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
     if cfg.source and os.path.abspath(cfg.source) != os.path.abspath(path):
         for name in TOKENIZER_FILES:

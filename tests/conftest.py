@@ -1,0 +1,122 @@
+"""Shared fixtures: tiny random Hugging Face checkpoints built with transformers (the independent reference).
+
+`make_checkpoint(folder, family, reward=False, **overrides)` builds a tiny transformers model from a config
+(the family's defaults below, then `overrides` as config keys), gives it random weights, `save_pretrained`s
+it into `folder` and returns the folder (a str). It writes nothing else (no tokenizer) and leaves the
+global torch RNG untouched (it draws from its own seeded generator).
+
+"Random weights" means every tensor, not just what transformers initialises at random: norm weights
+(initialised to ones) and biases (initialised to zeros) are redrawn too, so a loader that swapped q_norm
+and k_norm, dropped a bias or read the wrong LayerNorm would change the outputs.
+"""
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+# Tiny models: one thread is ~100x faster than two here (OpenMP threads spin against each other on a
+# busy 2-core machine: a 2-layer forward took 0.4 s with 2 threads, 2 ms with 1).
+torch.set_num_threads(1)
+
+try:
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+except ImportError:  # tests that need no transformers still run
+    pass
+
+FAMILIES = ["llama", "llama3_rope", "llama_tied", "qwen2", "qwen3", "mistral", "gpt2"]
+
+VOCAB = 128
+BOS, EOS, PAD = 1, 2, 0
+
+_COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+               bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD, tie_word_embeddings=False)
+
+LLAMA3_ROPE = {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+
+
+def family_config(family, reward=False, **overrides):
+    """A transformers config object for a tiny model of this family."""
+    import transformers as tf
+
+    if family == "gpt2":
+        kw = dict(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4, n_positions=128,
+                  bos_token_id=BOS, eos_token_id=EOS, pad_token_id=PAD)
+        cls = tf.GPT2Config
+    elif family in ("llama", "llama3_rope", "llama_tied"):
+        kw = dict(_COMMON)
+        if family == "llama3_rope":
+            kw["rope_parameters"] = dict(LLAMA3_ROPE)
+        if family == "llama_tied":
+            kw["tie_word_embeddings"] = True
+        cls = tf.LlamaConfig
+    elif family == "qwen2":
+        kw = dict(_COMMON, rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
+        cls = tf.Qwen2Config
+    elif family == "qwen3":
+        kw = dict(_COMMON, head_dim=24)  # 4 heads x 24 = 96 != hidden 64
+        cls = tf.Qwen3Config
+    elif family == "mistral":
+        kw = dict(_COMMON, num_key_value_heads=1, head_dim=16)
+        cls = tf.MistralConfig
+    else:
+        raise ValueError(f"unknown family {family!r}")
+    # Weights ~N(0, 0.1) rather than 0.02: logits of order 1, so errors show above the tolerances.
+    kw.setdefault("initializer_range", 0.1)
+    kw.update(overrides)
+    if reward:
+        kw["num_labels"] = 1
+    return cls(**kw)
+
+
+def build_model(family, reward=False, seed=0, **overrides):
+    """A tiny random transformers model (float32, eval mode), every tensor drawn from a seeded generator."""
+    import transformers as tf
+
+    config = family_config(family, reward, **overrides)
+    auto = tf.AutoModelForSequenceClassification if reward else tf.AutoModelForCausalLM
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = auto.from_config(config, dtype=torch.float32)
+        g = torch.Generator().manual_seed(seed + 1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.dim() == 1:  # norm weights (ones) and biases (zeros): make them matter
+                    base = 0.0 if name.endswith("bias") else 1.0
+                    p.copy_(base + 0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def make_checkpoint(tmp_path_or_dir, family, reward=False, seed=0, max_shard_size=None, **overrides):
+    """Build a tiny random transformers model and save_pretrained it into tmp_path_or_dir; return the folder."""
+    folder = str(tmp_path_or_dir)
+    os.makedirs(folder, exist_ok=True)
+    model = build_model(family, reward, seed, **overrides)
+    kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(folder, **kwargs)
+    return folder
+
+
+def hf_load(folder, reward=False):
+    """Load a checkpoint with transformers, float32, eval mode."""
+    import transformers as tf
+
+    auto = tf.AutoModelForSequenceClassification if reward else tf.AutoModelForCausalLM
+    return auto.from_pretrained(folder, dtype=torch.float32).eval()
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    """The make_checkpoint function, bound to a fresh temporary folder per call."""
+    counter = iter(range(10**6))
+
+    def make(family, reward=False, **overrides):
+        return make_checkpoint(tmp_path / f"ckpt{next(counter)}", family, reward, **overrides)
+
+    return make
