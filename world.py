@@ -42,19 +42,23 @@ SETTINGS = dict(
     student=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64),
     sft_examples=64_000, sft_lr=3e-3,    # base policy
     student_sft_examples=16_000,         # the student's language model, before its reward head
-    teacher_pairs=8_000, teacher_lr=2e-3, teacher_epochs=3,
+    teacher_pairs=6_000, teacher_synthetic_pairs=6_000, teacher_lr=2e-3, teacher_epochs=3,
     student_pairs=400, student_lr=1e-3, student_epochs=3,
     seed=1234,
 )
 FORMAT = "digits"
 MAX_NEW_TOKENS = 10  # the longest answer is 7 digits + EOS
 
-# The run settings this world picks for itself (tsalign.py uses them unless told otherwise):
+# The run settings this world picks for itself (tsalign.py uses them unless told otherwise), as measured
+# on this world with three rounds (see the README):
 # - beta 2: answers are ~6 tokens, so a small beta (0.1) needs huge per-token log-ratio changes before the
-#   DPO loss saturates, and drove the prototype's policy to collapse; beta 1-2 kept it healthy.
+#   DPO loss saturates, and drove a prototype's policy to collapse; beta 1-2 kept it healthy.
+# - lr 1e-4: at 3e-4 the policy over-optimised the teacher (win rate peaked after round 1 or 2, then fell).
+# - min_margin 2.5 (in teacher score units): the teacher's margin predicts whether it is right; mined pairs
+#   with a margin below 1 were right about 60% of the time, above 2 over 90%.
 # - ~1,000 prompts per round: pairs from 256 prompts were too few for DPO to move the greedy answer.
-RUN_DEFAULTS = dict(beta=2.0, prompts_per_round=1024, eval_prompts=2000, k=8, min_margin=0.1,
-                    max_new_tokens=MAX_NEW_TOKENS, lr=3e-4, epochs=2, batch_size=64,
+RUN_DEFAULTS = dict(beta=2.0, prompts_per_round=1024, eval_prompts=2000, k=8, min_margin=2.5,
+                    max_new_tokens=MAX_NEW_TOKENS, lr=1e-4, epochs=2, batch_size=64,
                     student_lr=5e-4, student_epochs=2)
 
 SPECIALS = ["<pad>", "<bos>", "<sep>", "<eos>"]
@@ -93,6 +97,40 @@ def demonstration(prompt, rng):
             digits.pop(i)
         else:
             digits.insert(i, digits[i])
+    return " ".join(digits)
+
+
+def corrupted_pair(rng):
+    """Two answers to one prompt, each right or carrying one corruption, that the oracle tells apart.
+
+    Base-policy samples mostly show one flaw (the dropped digit); these show every kind of mistake,
+    duplicates and insertions included, so the teacher does not learn "longer is better" and stays
+    reliable when the policy's answers are nearly right."""
+    while True:
+        p = random_prompt(rng)
+        a, b = (_answer_with_mistake(p, rng) for _ in range(2))
+        if a != b and oracle(p, a) != oracle(p, b):
+            return (p, a, b, True, True) if oracle(p, a) > oracle(p, b) else (p, b, a, True, True)
+
+
+def _answer_with_mistake(prompt, rng):
+    digits = sorted(prompt.split())
+    if rng.random() < 0.3:
+        return " ".join(digits)
+    i = rng.randrange(len(digits))
+    kind = rng.choice(["drop_largest", "swap", "replace", "drop", "duplicate", "insert"])
+    if kind == "drop_largest":
+        digits = digits[:-1]
+    elif kind == "swap" and i + 1 < len(digits):
+        digits[i], digits[i + 1] = digits[i + 1], digits[i]
+    elif kind == "replace":
+        digits[i] = str(rng.randint(0, 9))
+    elif kind == "drop":
+        digits.pop(i)
+    elif kind == "duplicate":
+        digits.insert(i, digits[i])
+    else:
+        digits.insert(i, str(rng.randint(0, 9)))
     return " ".join(digits)
 
 
@@ -187,8 +225,9 @@ def build(folder):
     policy = build_policy(tok, rng, S["sft_examples"], S["seed"], S["sft_lr"], S["policy"], "world: base policy (SFT)")
     teacher_pairs = oracle_pairs(policy, tok, rng, S["teacher_pairs"] + 1000, S["seed"] + 1)
     held_out = teacher_pairs[S["teacher_pairs"]:]
-    teacher = build_reward(policy, tok, teacher_pairs[:S["teacher_pairs"]], S["teacher_lr"], S["teacher_epochs"],
-                           S["seed"] + 2, "world: teacher")
+    synthetic = [corrupted_pair(rng) for _ in range(S["teacher_synthetic_pairs"])]
+    teacher = build_reward(policy, tok, teacher_pairs[:S["teacher_pairs"]] + synthetic, S["teacher_lr"],
+                           S["teacher_epochs"], S["seed"] + 2, "world: teacher")
     student_lm = build_policy(tok, rng, S["student_sft_examples"], S["seed"] + 3, S["sft_lr"], S["student"],
                               "world: student LM (SFT)")
     student = build_reward(student_lm, tok, teacher_pairs[:S["student_pairs"]], S["student_lr"],

@@ -10,8 +10,9 @@ import model
 import tsalign
 from conftest import make_checkpoint
 
-WORDS = [str(i) for i in range(10)] + ["user", "assistant", "\n"] + list("abcdefghij")
+WORDS = [str(i) for i in range(10)] + ["user", "assistant", "\n"] + list("abcdefghij") + ["A", "B"]
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+DEVICE = os.environ.get("TSALIGN_TEST_DEVICE", "cpu")  # tests/gpu_check.py sets cuda
 
 
 def word_tokenizer():
@@ -24,15 +25,16 @@ def word_tokenizer():
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    """A policy (Llama), a student (a Qwen2 causal LM that gets a fresh head) and a teacher (a GPT-2
-    reward model), all sharing a 28-token word-level tokenizer, and a prompts file."""
+    """A policy (Llama), a student (a Qwen2 causal LM that gets a fresh head), a teacher (a GPT-2
+    reward model) and an LLM judge (Qwen3), all sharing a 30-token word-level tokenizer, and a prompts file."""
     root = tmp_path_factory.mktemp("tiny")
     tok = word_tokenizer()
     V = tok.get_vocab_size()
     ids = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     dirs = {"policy": make_checkpoint(root / "policy", "llama", seed=1, **ids),
             "student": make_checkpoint(root / "student", "qwen2", seed=2, **ids),
-            "teacher": make_checkpoint(root / "teacher", "gpt2", reward=True, seed=3, **ids)}
+            "teacher": make_checkpoint(root / "teacher", "gpt2", reward=True, seed=3, **ids),
+            "judge": make_checkpoint(root / "judge", "qwen3", seed=4, **ids)}
     for d in dirs.values():
         tok.save(os.path.join(d, "tokenizer.json"))
     # A random policy rarely says EOS; a few more stop ids (read from generation_config.json, as for
@@ -48,7 +50,7 @@ def argv(w, out, *extra):
     return ["--policy", w["policy"], "--student", w["student"], "--teacher", w["teacher"], "--prompts", w["prompts"],
             "--prompt-format", "chatml", "--k", "4", "--prompts-per-round", "12", "--max-new-tokens", "16",
             "--eval-count", "6", "--batch-size", "4", "--lr", "1e-3", "--student-lr", "1e-3", "--out", str(out),
-            "--student-warmup", "4", "--device", "cpu", *extra]
+            "--student-warmup", "4", "--device", DEVICE, *extra]
 
 
 def metrics(out):
@@ -84,7 +86,7 @@ def test_two_rounds_end_to_end(world, tmp_path):
         assert p["margin"] > 0
     # The saved policy loads in transformers and agrees with ours.
     import transformers
-    ours = model.load_model(str(out / "round_2" / "policy"))
+    ours = model.load_model(str(out / "round_2" / "policy"), device="cpu")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out / "round_2" / "policy", dtype=torch.float32)
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     with torch.no_grad():
@@ -101,8 +103,8 @@ def test_resume_equals_uninterrupted(world, tmp_path):
     tsalign.main(argv(world, part, "--rounds", "1"))
     tsalign.main(["--resume", "--out", str(part), "--rounds", "2"])  # saved options are reused
     assert without_seconds(metrics(full)) == without_seconds(metrics(part))
-    a = model.load_model(str(full / "round_2" / "policy"))
-    b = model.load_model(str(part / "round_2" / "policy"))
+    a = model.load_model(str(full / "round_2" / "policy"), device="cpu")
+    b = model.load_model(str(part / "round_2" / "policy"), device="cpu")
     for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), n
 
@@ -140,3 +142,33 @@ def test_existing_run_is_never_overwritten(world, tmp_path, capsys):
         tsalign.main(["--resume", "--out", str(out), "--k", "6"])
     assert "options differ" in capsys.readouterr().err
     assert open(out / "metrics.jsonl").read() == before
+
+
+@pytest.mark.parametrize("extra", [
+    ["--selection", "teacher-all"],
+    ["--selection", "student-only"],
+    ["--teacher-judge", "--judge-min-mass", "0"],
+    ["--teacher-judge", "--judge-min-mass", "0", "--selection", "teacher-all"],
+    ["--lora-rank", "2", "--student-lora-rank", "2", "--reference", "sft", "--loss-type", "ipo"],
+])
+def test_one_round_variants(world, tmp_path, extra):
+    if "--teacher-judge" in extra:
+        extra = extra + ["--teacher", world["judge"]]
+    out = tmp_path / "run"
+    tsalign.main(argv(world, out, "--rounds", "1", *extra))
+    m = metrics(out)[1]
+    K = 4
+    n_teacher = m["teacher_calls"]
+    if "student-only" in extra:
+        assert n_teacher == 0 and m["student_teacher_agreement"] == metrics(out)[0]["student_teacher_agreement"]
+    elif "teacher-all" in extra:
+        # every distinct finished response of a ranked prompt is scored (judge: every ordering of them)
+        assert n_teacher > 0
+        assert m["teacher_calls_if_scoring_all"] == 12 * (K * (K - 1) if "--teacher-judge" in extra else K)
+    else:
+        assert 0 < n_teacher <= 2 * 12  # two per prompt that reached the teacher, either way
+    if m["pairs"]:
+        assert abs(m["dpo_first_loss"] - (0.6931 if "ipo" not in extra else 1 / (4 * 0.1 ** 2))) < 1e-2
+    # LoRA adapters were merged: the saved policy has only base weights, and it changed
+    saved = model.load_model(str(out / "round_1" / "policy"), device="cpu")
+    assert not any("lora" in n for n in saved.state_dict())

@@ -1,0 +1,70 @@
+"""CUDA checks, run by hand on a machine with a GPU (not collected by pytest; CPU CI cannot run them):
+
+    python tests/gpu_check.py
+
+Our model against transformers on the GPU in float32 and bfloat16, greedy sampling on the GPU against our
+own uncached forward, and one TS-Align round on tiny checkpoints with --device cuda."""
+import os
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import model  # noqa: E402
+from conftest import FAMILIES, make_checkpoint, hf_load  # noqa: E402
+
+
+def check(name, ok, detail=""):
+    print(f"{'ok  ' if ok else 'FAIL'} {name} {detail}")
+    return ok
+
+
+def main():
+    assert torch.cuda.is_available(), "no CUDA device"
+    print(torch.cuda.get_device_name(), torch.__version__)
+    good = True
+    root = tempfile.mkdtemp()
+    g = torch.Generator().manual_seed(0)
+    for fam in FAMILIES:
+        for reward in (False, True):
+            if reward and fam not in ("llama", "qwen2", "gpt2"):
+                continue
+            d = make_checkpoint(os.path.join(root, f"{fam}{int(reward)}"), fam, reward=reward)
+            ids = torch.randint(3, 128, (3, 24), generator=g).cuda()
+            for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.15)):
+                ours = model.load_model(d, device="cuda", dtype=dtype)
+                theirs = hf_load(d, reward).to("cuda", dtype)
+                with torch.no_grad():
+                    a = ours(ids).float()
+                    b = theirs(ids).logits.float()
+                    b = b[:, 0] if reward else b
+                err = (a - b).abs().max().item()
+                good &= check(f"{fam}{' reward' if reward else ''} {dtype}", err <= tol, f"max |diff| {err:.2e}")
+    # Greedy on the GPU equals step-by-step argmax without a cache (float32).
+    lm = model.load_model(make_checkpoint(os.path.join(root, "gen"), "llama"), device="cuda")
+    prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 17, 9)]
+    out = model.generate(lm, prompts, 12)
+    same = True
+    for p, o in zip(prompts, out):
+        seq = list(p)
+        for _ in range(12):
+            with torch.no_grad():
+                seq.append(lm(torch.tensor([seq], device="cuda"))[0, -1].argmax().item())
+        same &= seq[len(p):] == o
+    good &= check("greedy generate == uncached argmax on cuda", same)
+    k = model.generate(lm, prompts, 12, temperature=1.0, top_p=0.9, num_samples=4,
+                       generator=torch.Generator(device="cuda").manual_seed(1))
+    good &= check("num_samples=4 sampling on cuda", len(k) == 12 and all(len(x) == 12 for x in k))
+    # One TS-Align round on tiny checkpoints, on the GPU.
+    import pytest
+    os.environ["TSALIGN_TEST_DEVICE"] = "cuda"
+    rc = pytest.main(["-q", "-x", os.path.join(os.path.dirname(__file__), "test_tsalign.py"), "-k", "two_rounds or variants"])
+    good &= check("tests/test_tsalign.py (two rounds, variants) with --device cuda", rc == 0)
+    print("ALL OK" if good else "SOME CHECKS FAILED")
+    return 0 if good else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
