@@ -200,6 +200,16 @@ def end_id(tok, fmt, cfg):
     return cfg.stop_token_ids[0]
 
 
+def is_reward_checkpoint(path):
+    """Whether a checkpoint folder holds a reward model, from its config.json alone."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            cfg = json.load(f)
+    except (OSError, ValueError):
+        return False  # load_model then says what is wrong with the folder
+    return any(model.ARCHITECTURES.get(a, ("", False))[1] for a in cfg.get("architectures") or [])
+
+
 def load_policy(path, fmt, device):
     lm = model.load_model(path, device)
     if lm.config.reward:
@@ -512,12 +522,10 @@ def setup(args):
     teacher = load_scorer(teacher_dir, args.teacher_format, device, judge=args.teacher_judge, min_mass=args.judge_min_mass)
     if world is not None:
         evaluator = Evaluator(eval_prompts, "oracle", oracle=world.oracle)
-    elif args.judge:
-        j = model.load_model(args.judge, device)
-        jfmt = args.teacher_format
-        evaluator = Evaluator(eval_prompts, "judge", judge=load_scorer(args.judge, jfmt, device, judge=not j.config.reward,
-                                                                      min_mass=args.judge_min_mass))
-        del j
+    elif args.judge:  # a reward model scores; a causal LM is asked to compare
+        is_lm = not is_reward_checkpoint(args.judge)
+        evaluator = Evaluator(eval_prompts, "judge", judge=load_scorer(args.judge, args.teacher_format, device,
+                                                                      judge=is_lm, min_mass=args.judge_min_mass))
     else:
         evaluator = Evaluator(eval_prompts, "teacher", judge=teacher)
     check_lengths(args, policy, [student, teacher], (train_prompts or []) + eval_prompts)

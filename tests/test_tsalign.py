@@ -150,14 +150,17 @@ def test_existing_run_is_never_overwritten(world, tmp_path, capsys):
     ["--teacher-judge", "--judge-min-mass", "0"],
     ["--teacher-judge", "--judge-min-mass", "0", "--selection", "teacher-all"],
     ["--lora-rank", "2", "--student-lora-rank", "2", "--reference", "sft", "--loss-type", "ipo"],
+    ["--judge", "JUDGE", "--judge-min-mass", "0"],
 ])
 def test_one_round_variants(world, tmp_path, extra):
     if "--teacher-judge" in extra:
         extra = extra + ["--teacher", world["judge"]]
+    extra = [world["judge"] if x == "JUDGE" else x for x in extra]
     out = tmp_path / "run"
     tsalign.main(argv(world, out, "--rounds", "1", *extra))
     m = metrics(out)[1]
     K = 4
+    assert m["win_rate_judge"] == ("judge" if "--judge" in extra else "teacher")
     n_teacher = m["teacher_calls"]
     if "student-only" in extra:
         assert n_teacher == 0 and m["student_teacher_agreement"] == metrics(out)[0]["student_teacher_agreement"]
