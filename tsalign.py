@@ -312,6 +312,8 @@ def mine_pairs(prompts, samples, student, teacher, args):
             continue
         t0 = time.time()
         if args.selection == "teacher-all":
+            # As RLHFlow-style iterative DPO does: the teacher scores every finished sample, repeats included.
+            cands = [s for s in group if s.finished]
             scores, c = teacher_rank_all(teacher, prompt, cands)
             calls += c
             best, worst = int(scores.argmax()), int(scores.argmin())
