@@ -267,23 +267,25 @@ def distinct_finished(samples):
     return keep
 
 
-def teacher_verdict(teacher, prompt, a, b):
-    """(margin of a over b, teacher calls). A reward model scores both; a judge is asked in both orders
-    (position bias cancels), and the two orders disagreeing is a tie. NaN: an invalid judge answer."""
+def teacher_margins(teacher, prompts, firsts, seconds):
+    """How much the teacher prefers each first response over its second, (N,) on the CPU, and the
+    teacher calls made. A reward model scores both (2 calls a pair); a judge is asked in both orders
+    (2 calls a pair), so position bias cancels, and the two orders disagreeing is a tie (0).
+    NaN: an invalid judge answer."""
+    n = len(prompts)
     if not teacher.judge:
-        s = teacher.score([prompt, prompt], [a.text, b.text], [a.finished, b.finished])
-        return (s[0] - s[1]).item(), 2
-    p_ab = teacher.compare([prompt, prompt], [a.text, b.text], [b.text, a.text])  # P(first better), both orders
-    pa1, pa2 = p_ab[0].item(), 1 - p_ab[1].item()  # P(a better) as asked first, and as asked second
-    if math.isnan(pa1) or math.isnan(pa2):
-        return float("nan"), 2
-    if (pa1 > 0.5) != (pa2 > 0.5):
-        return 0.0, 2
-    return (pa1 + pa2) / 2 - 0.5, 2
+        s = teacher.score(prompts * 2, [a.text for a in firsts] + [b.text for b in seconds],
+                          [a.finished for a in firsts] + [b.finished for b in seconds])
+        return s[:n] - s[n:], 2 * n
+    a, b = [x.text for x in firsts], [x.text for x in seconds]
+    p1 = teacher.compare(prompts, a, b)      # P(first better), asked with it first
+    p2 = 1 - teacher.compare(prompts, b, a)  # the same, asked with it second
+    margin = (p1 + p2) / 2 - 0.5
+    return torch.where((p1 > 0.5) != (p2 > 0.5), torch.zeros_like(margin), margin), 2 * n  # NaN stays NaN
 
 
 def teacher_rank_all(teacher, prompt, cands):
-    """Teacher-all: scores of every candidate (reward model: K calls; judge: round-robin over K(K-1) orderings)."""
+    """Teacher-all: a score for every candidate (reward model: K calls; judge: round-robin over K(K-1) orderings)."""
     if not teacher.judge:
         return teacher.score([prompt] * len(cands), [c.text for c in cands], [c.finished for c in cands]), len(cands)
     n = len(cands)
@@ -297,55 +299,71 @@ def teacher_rank_all(teacher, prompt, cands):
     return wins / (2 * (n - 1)), len(order)
 
 
+def split(flat, sizes):
+    out, i = [], 0
+    for n in sizes:
+        out.append(flat[i:i + n])
+        i += n
+    return out
+
+
 def mine_pairs(prompts, samples, student, teacher, args):
-    """One preference pair per prompt where possible, and the counts of what was dropped and why."""
-    pairs, stats = [], {"too_few_finished": 0, "identical": 0, "low_margin": 0, "invalid_judge": 0}
-    calls, overturned, t_student, t_teacher = 0, 0, 0.0, 0.0
-    for prompt, group in tqdm(list(zip(prompts, samples)), desc="ranking", leave=False, dynamic_ncols=True):
+    """One preference pair per prompt where possible, and the counts of what was dropped and why.
+
+    Steps 2 and 3 of the round, each one batched pass over all prompts: the ranker (the student; the
+    teacher itself for teacher-all) scores every candidate, then the teacher decides each best-vs-worst."""
+    dropped = {"too_few_finished": 0, "identical": 0, "low_margin": 0, "invalid_judge": 0}
+    groups = []  # (prompt, candidates) of the prompts that can give a pair
+    for prompt, group in zip(prompts, samples):
         cands = distinct_finished(group)
-        n_finished = sum(s.finished for s in group)
-        if n_finished < 2:
-            stats["too_few_finished"] += 1
-            continue
-        if len(cands) < 2:
-            stats["identical"] += 1
-            continue
-        t0 = time.time()
-        if args.selection == "teacher-all":
-            # As RLHFlow-style iterative DPO does: the teacher scores every finished sample, repeats included.
-            cands = [s for s in group if s.finished]
-            scores, c = teacher_rank_all(teacher, prompt, cands)
-            calls += c
-            best, worst = int(scores.argmax()), int(scores.argmin())
-            margin = (scores[best] - scores[worst]).item()
-            t_teacher += time.time() - t0
+        if sum(s.finished for s in group) < 2:
+            dropped["too_few_finished"] += 1
+        elif len(cands) < 2:
+            dropped["identical"] += 1
         else:
-            s = student.score([prompt] * len(cands), [c.text for c in cands], [c.finished for c in cands])  # (n,)
-            best, worst = int(s.argmax()), int(s.argmin())
-            t_student += time.time() - t0
-            if best == worst:  # all scores equal
-                stats["identical"] += 1
-                continue
-            if args.selection == "student-only":
-                margin = (s[best] - s[worst]).item()
-            else:
-                t0 = time.time()
-                margin, c = teacher_verdict(teacher, prompt, cands[best], cands[worst])
-                calls += c
-                t_teacher += time.time() - t0
-                if margin < 0:  # the teacher overturns the student
-                    best, worst, margin = worst, best, -margin
-                    overturned += 1
-        if math.isnan(margin):
-            stats["invalid_judge"] += 1
-            continue
-        if margin < args.min_margin or margin == 0:
-            stats["low_margin"] += 1
-            continue
-        pairs.append({"prompt": prompt, "chosen": cands[best].text, "rejected": cands[worst].text,
-                      "chosen_finished": cands[best].finished, "rejected_finished": cands[worst].finished,
-                      "margin": margin, "chosen_ids": cands[best].ids, "rejected_ids": cands[worst].ids})
-    return pairs, stats, calls, overturned, {"student_score": t_student, "teacher_score": t_teacher}
+            # teacher-all scores every finished sample, repeats included, as RLHFlow-style iterative DPO does
+            groups.append((prompt, [s for s in group if s.finished] if args.selection == "teacher-all" else cands))
+    secs, calls = {"student_score": 0.0, "teacher_score": 0.0}, 0
+    t0 = time.time()
+    if args.selection == "teacher-all":
+        scored = [teacher_rank_all(teacher, p, c) for p, c in groups]
+        calls += sum(c for _, c in scored)
+        scores = [s for s, _ in scored]
+        secs["teacher_score"] += time.time() - t0
+    else:  # 2. the student ranks every distinct finished response
+        flat = [(p, c) for p, cands in groups for c in cands]
+        s = student.score([p for p, _ in flat], [c.text for _, c in flat], [c.finished for _, c in flat]) if flat else []
+        scores = split(s, [len(c) for _, c in groups])
+        secs["student_score"] += time.time() - t0
+    best = [int(s.argmax()) for s in scores]
+    worst = [int(s.argmin()) for s in scores]
+    margins = [(s[b] - s[w]).item() for s, b, w in zip(scores, best, worst)]
+    overturned = 0
+    if args.selection == "ts-align":  # 3. the teacher scores only the student's best and worst, and decides
+        t0 = time.time()
+        live = [i for i, (b, w) in enumerate(zip(best, worst)) if b != w]
+        m, c = teacher_margins(teacher, [groups[i][0] for i in live], [groups[i][1][best[i]] for i in live],
+                               [groups[i][1][worst[i]] for i in live]) if live else ([], 0)
+        calls += c
+        for i, mi in zip(live, list(m.tolist()) if live else []):
+            margins[i] = mi
+            if mi < 0:  # the teacher overturns the student
+                best[i], worst[i], margins[i] = worst[i], best[i], -mi
+                overturned += 1
+        secs["teacher_score"] += time.time() - t0
+    pairs = []
+    for (prompt, cands), b, w, margin in zip(groups, best, worst, margins):
+        if b == w:  # every candidate scored the same
+            dropped["identical"] += 1
+        elif math.isnan(margin):
+            dropped["invalid_judge"] += 1
+        elif margin < args.min_margin or margin == 0:
+            dropped["low_margin"] += 1
+        else:
+            pairs.append({"prompt": prompt, "chosen": cands[b].text, "rejected": cands[w].text,
+                          "chosen_finished": cands[b].finished, "rejected_finished": cands[w].finished,
+                          "margin": margin, "chosen_ids": cands[b].ids, "rejected_ids": cands[w].ids})
+    return pairs, dropped, calls, overturned, secs
 
 
 # -----------------------------------------------------------------------------
@@ -364,14 +382,9 @@ class Evaluator:
             a = [self.oracle(p, s.text) if s.finished else 0.0 for p, s in zip(prompts, ours)]
             b = [self.oracle(p, s.text) if s.finished else 0.0 for p, s in zip(prompts, base)]
             return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
-        out = []
-        for p, x, y in zip(prompts, ours, base):
-            if x.text == y.text and x.finished == y.finished:
-                out.append(0.5)
-                continue
-            margin, _ = teacher_verdict(self.judge, p, x, y)
-            out.append(0.5 if math.isnan(margin) or margin == 0 else 1.0 if margin > 0 else 0.0)
-        return out
+        margins, _ = teacher_margins(self.judge, prompts, ours, base)
+        same = [x.text == y.text and x.finished == y.finished for x, y in zip(ours, base)]
+        return [0.5 if eq or math.isnan(m) or m == 0 else 1.0 if m > 0 else 0.0 for eq, m in zip(same, margins.tolist())]
 
 
 def win_stats(outcomes, prefix):
@@ -569,17 +582,12 @@ def round_zero(args, S):
     greedy = [g[0] for g in sample(S.policy, S.eval_prompts, 1, greedy_args(args), gen, "base greedy")]
     sampled = sample(S.policy, S.eval_prompts, 4, args, gen, "base samples")
     # Agreement pairs: two distinct base samples per held-out prompt, ordered by the teacher, ties left out.
-    agree = []
-    for p, group in zip(S.eval_prompts, sampled):
-        cands = distinct_finished(group)
-        if len(cands) < 2:
-            continue
-        margin, _ = teacher_verdict(S.teacher, p, cands[0], cands[1])
-        if math.isnan(margin) or margin == 0:
-            continue
-        c, rj = (cands[0], cands[1]) if margin > 0 else (cands[1], cands[0])
-        agree.append({"prompt": p, "chosen": c.text, "rejected": rj.text, "chosen_finished": c.finished,
-                      "rejected_finished": rj.finished})
+    two = [(p, distinct_finished(g)[:2]) for p, g in zip(S.eval_prompts, sampled)]
+    two = [(p, c) for p, c in two if len(c) == 2]
+    margins, _ = teacher_margins(S.teacher, [p for p, _ in two], [c[0] for _, c in two], [c[1] for _, c in two]) \
+        if two else (torch.zeros(0), 0)
+    agree = [as_pair(p, c if m > 0 else c[::-1]) for (p, c), m in zip(two, margins.tolist())
+             if not math.isnan(m) and m != 0]
     warm_pairs, warm_calls = [], 0
     if args.student_warmup > 0:
         warm_pairs, warm_calls = warmup_pairs(args, S)
@@ -602,6 +610,13 @@ def round_zero(args, S):
     return base
 
 
+def as_pair(prompt, two):
+    """A pair record from (chosen, rejected) samples."""
+    c, r = two
+    return {"prompt": prompt, "chosen": c.text, "rejected": r.text, "chosen_finished": c.finished,
+            "rejected_finished": r.finished}
+
+
 def greedy_args(args):
     return argparse.Namespace(**{**vars(args), "temperature": 0.0, "top_p": None})
 
@@ -612,18 +627,13 @@ def warmup_pairs(args, S):
     gen = generator(args, 0, "warmup", next(S.policy.lm.parameters()).device)
     pool = S.train_prompts or [S.world.random_prompt(rng) for _ in range(4 * args.student_warmup)]
     prompts = rng.sample(pool, min(len(pool), 2 * args.student_warmup))
-    pairs, calls = [], 0
-    for p, group in zip(prompts, sample(S.policy, prompts, 2, args, gen, "warm-up samples")):
-        cands = distinct_finished(group)
-        if len(pairs) >= args.student_warmup or len(cands) < 2:
-            continue
-        margin, c = teacher_verdict(S.teacher, p, cands[0], cands[1])
-        calls += c
-        if math.isnan(margin) or margin == 0 or abs(margin) < args.min_margin:
-            continue
-        a, b = (cands[0], cands[1]) if margin > 0 else (cands[1], cands[0])
-        pairs.append({"prompt": p, "chosen": a.text, "rejected": b.text, "chosen_finished": a.finished,
-                      "rejected_finished": b.finished, "margin": abs(margin)})
+    two = [(p, distinct_finished(g)[:2]) for p, g in zip(prompts, sample(S.policy, prompts, 2, args, gen, "warm-up samples"))]
+    two = [(p, c) for p, c in two if len(c) == 2][:args.student_warmup]
+    if not two:
+        return [], 0
+    margins, calls = teacher_margins(S.teacher, [p for p, _ in two], [c[0] for _, c in two], [c[1] for _, c in two])
+    pairs = [{**as_pair(p, c if m > 0 else c[::-1]), "margin": abs(m)} for (p, c), m in zip(two, margins.tolist())
+             if not math.isnan(m) and m != 0 and abs(m) >= args.min_margin]
     return pairs, calls
 
 
