@@ -80,48 +80,14 @@ def oracle(prompt, response):
     return right / max(len(answer), len(got))
 
 
-def demonstration(prompt, rng):
-    """An imperfect demonstration. The dominant flaw (drop the largest digit) becomes the SFT mode."""
-    digits = sorted(prompt.split())
-    u = rng.random()
-    if u < SETTINGS["flawed"]:
-        digits = digits[:-1]
-    elif u < SETTINGS["flawed"] + SETTINGS["noisy"]:
-        i = rng.randrange(len(digits))
-        kind = rng.choice(["swap", "replace", "drop", "duplicate"])
-        if kind == "swap" and i + 1 < len(digits):
-            digits[i], digits[i + 1] = digits[i + 1], digits[i]
-        elif kind == "replace":
-            digits[i] = str(rng.randint(0, 9))
-        elif kind == "drop":
-            digits.pop(i)
-        else:
-            digits.insert(i, digits[i])
-    return " ".join(digits)
-
-
-def corrupted_pair(rng):
-    """Two answers to one prompt, each right or carrying one corruption, that the oracle tells apart.
-
-    Base-policy samples mostly show one flaw (the dropped digit); these show every kind of mistake,
-    duplicates and insertions included, so the teacher does not learn "longer is better" and stays
-    reliable when the policy's answers are nearly right."""
-    while True:
-        p = random_prompt(rng)
-        a, b = (_answer_with_mistake(p, rng) for _ in range(2))
-        if a != b and oracle(p, a) != oracle(p, b):
-            return (p, a, b, True, True) if oracle(p, a) > oracle(p, b) else (p, b, a, True, True)
-
-
-def _answer_with_mistake(prompt, rng):
-    digits = sorted(prompt.split())
-    if rng.random() < 0.3:
-        return " ".join(digits)
-    i = rng.randrange(len(digits))
-    kind = rng.choice(["drop_largest", "swap", "replace", "drop", "duplicate", "insert"])
+def with_mistake(digits, kinds, rng):
+    """The sorted digits with one mistake of a kind drawn from kinds (a swap of equal digits changes nothing)."""
+    digits = list(digits)
+    kind = rng.choice(kinds)
+    i = rng.randrange(len(digits) - 1 if kind == "swap" else len(digits))  # swap i and i + 1
     if kind == "drop_largest":
         digits = digits[:-1]
-    elif kind == "swap" and i + 1 < len(digits):
+    elif kind == "swap":
         digits[i], digits[i + 1] = digits[i + 1], digits[i]
     elif kind == "replace":
         digits[i] = str(rng.randint(0, 9))
@@ -129,9 +95,35 @@ def _answer_with_mistake(prompt, rng):
         digits.pop(i)
     elif kind == "duplicate":
         digits.insert(i, digits[i])
-    else:
+    elif kind == "insert":
         digits.insert(i, str(rng.randint(0, 9)))
+    return digits
+
+
+def demonstration(prompt, rng):
+    """An imperfect demonstration. The dominant flaw (drop the largest digit) becomes the SFT mode."""
+    digits = sorted(prompt.split())
+    u = rng.random()
+    if u < SETTINGS["flawed"]:
+        digits = digits[:-1]
+    elif u < SETTINGS["flawed"] + SETTINGS["noisy"]:
+        digits = with_mistake(digits, ["swap", "replace", "drop", "duplicate"], rng)
     return " ".join(digits)
+
+
+def corrupted_pair(rng):
+    """Two answers to one prompt, each right or carrying one mistake, that the oracle tells apart.
+
+    Base-policy samples mostly show one flaw (the dropped digit); these show every kind of mistake,
+    duplicates and insertions included, so the teacher does not learn "longer is better" and stays
+    reliable when the policy's answers are nearly right."""
+    kinds = ["drop_largest", "swap", "replace", "drop", "duplicate", "insert"]
+    while True:
+        p = random_prompt(rng)
+        right = sorted(p.split())
+        a, b = (" ".join(right if rng.random() < 0.3 else with_mistake(right, kinds, rng)) for _ in range(2))
+        if a != b and oracle(p, a) != oracle(p, b):
+            return (p, a, b, True, True) if oracle(p, a) > oracle(p, b) else (p, b, a, True, True)
 
 
 def make_tokenizer():
