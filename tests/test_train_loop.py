@@ -1,0 +1,168 @@
+"""The training loop: DPO and the ranking loss learn, the reference is really used, bad steps change nothing."""
+import math
+
+import pytest
+import torch
+
+import data
+import losses
+import model
+import train_loop as TL
+
+EOS = 2  # also the pad id below: the pitfall where a mask built from ids would hide the final EOS
+
+
+def tiny_lm(seed=0):
+    hf = {"architectures": ["LlamaForCausalLM"], "vocab_size": 32, "hidden_size": 32, "num_hidden_layers": 2,
+          "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
+          "max_position_embeddings": 64, "eos_token_id": EOS, "pad_token_id": EOS}
+    torch.manual_seed(seed)
+    return model.CausalLM(model.config_from_hf(hf))
+
+
+PAIRS = [([1, 5, 6, 7], [8, 9, EOS], [10, 11, 12, EOS]),
+         ([1, 6, 7], [9, 9, 4, EOS], [3, EOS]),
+         ([1, 7, 7, 7, 7], [4, EOS], [5, 5, EOS]),
+         ([1, 3], [13, 14, 15, 16, EOS], [17, 18, EOS])]
+
+
+def quiet(**kw):
+    return TL.TrainConfig(progress=False, **kw)
+
+
+def naive_logprob(lm, prompt, response):
+    """log p(response | prompt) by a plain loop over one unpadded sequence."""
+    ids = torch.tensor([prompt + response])
+    with torch.no_grad():
+        logp = lm(ids)[0].log_softmax(-1)
+    return sum(logp[len(prompt) - 1 + t, tok].item() for t, tok in enumerate(response))
+
+
+def test_response_logprobs_match_a_plain_loop_inside_a_padded_batch():
+    lm = tiny_lm()
+    prompts = [p for p, _, _ in PAIRS]
+    responses = [c for _, c, _ in PAIRS]
+    for side in ("left", "right"):
+        batch = data.policy_batch(prompts, responses, pad_id=EOS, side=side)
+        with torch.no_grad():
+            logp, n = TL.response_logprobs(lm, batch)
+        assert n.tolist() == [len(r) for r in responses]  # the final EOS counts, though it equals the pad id
+        for i, (p, r) in enumerate(zip(prompts, responses)):
+            assert abs(logp[i].item() - naive_logprob(lm, p, r)) < 1e-4, (side, i)
+
+
+def test_response_logprobs_agree_with_losses_sequence_logprobs():
+    lm = tiny_lm()
+    batch = data.policy_batch([p for p, _, _ in PAIRS], [r for _, _, r in PAIRS], pad_id=EOS)
+    with torch.no_grad():
+        fast, _ = TL.response_logprobs(lm, batch)  # output layer on response positions only
+        full = losses.sequence_logprobs(lm(batch["input_ids"], batch["attention_mask"]), batch["input_ids"],
+                                        batch["response_mask"])
+    assert torch.allclose(fast, full, atol=1e-5)
+
+
+def test_dpo_learns_the_pairs_and_starts_at_log_2():
+    lm = tiny_lm()
+    ref_c, ref_r = TL.reference_logprobs(lm, PAIRS, EOS)
+    m = TL.train_dpo(lm, PAIRS, EOS, quiet(lr=3e-3, epochs=40, batch_size=2), beta=0.5)
+    assert abs(m["dpo_first_loss"] - math.log(2)) < 1e-5 and abs(m["first_margin"]) < 1e-5
+    new_c, new_r = TL.reference_logprobs(lm, PAIRS, EOS)
+    assert ((new_c - ref_c) - (new_r - ref_r) > 0).all()  # every chosen gained on its rejected
+    assert m["reward_accuracy"] == 1.0
+
+
+def test_ipo_starts_at_one_over_four_beta_squared():
+    lm = tiny_lm()
+    m = TL.train_dpo(lm, PAIRS, EOS, quiet(lr=1e-4, epochs=1, batch_size=4), beta=0.5, loss_type="ipo")
+    assert abs(m["dpo_first_loss"] - 1 / (4 * 0.5 ** 2)) < 1e-4
+
+
+def test_a_wrong_reference_is_caught_at_the_first_step(monkeypatch):
+    lm = tiny_lm()
+    other = tiny_lm(seed=1)
+    wrong = TL.reference_logprobs(other, PAIRS, EOS)
+    # A given reference is trusted (it may be the SFT policy), and the first-step loss shows the gap.
+    m = TL.train_dpo(lm, PAIRS, EOS, quiet(lr=1e-4, epochs=1, batch_size=4), reference=wrong)
+    assert abs(m["dpo_first_loss"] - math.log(2)) > 1e-3
+    # Our own round-start reference computed from a different state than the policy trains from: caught.
+    monkeypatch.setattr(TL, "reference_logprobs", lambda *a, **k: wrong)
+    with pytest.raises(RuntimeError, match="reference check failed"):
+        TL.train_dpo(tiny_lm(), PAIRS, EOS, quiet(lr=1e-4, epochs=1, batch_size=4))
+
+
+def test_ranking_loss_learns_the_order():
+    rm = model.add_reward_head(tiny_lm())
+    rows = [(p + c, p + r) for p, c, r in PAIRS]
+    m = TL.train_reward(rm, rows, EOS, quiet(lr=3e-3, epochs=40, batch_size=2))
+    assert m["accuracy"] == 1.0
+    s = TL.reward_scores(rm, [c for c, _ in rows] + [r for _, r in rows], EOS)
+    assert (s[:len(rows)] > s[len(rows):]).all()
+
+
+def test_reward_alone_equals_reward_in_a_padded_batch_with_pad_equal_to_eos():
+    rm = model.add_reward_head(tiny_lm())
+    rows = [p + c for p, c, _ in PAIRS]  # each ends in EOS, which is also the pad id
+    together = TL.reward_scores(rm, rows, EOS)
+    alone = torch.cat([TL.reward_scores(rm, [r], EOS) for r in rows])
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
+def test_a_non_finite_loss_changes_no_weight():
+    lm = tiny_lm()
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+
+    def nan_loss(idx):
+        return lm(torch.tensor([[1, 2, 3]])).sum() * float("nan"), {}
+
+    with pytest.raises(TL.NonFiniteError, match="not applied"):
+        TL.train(lm, 4, nan_loss, quiet(lr=1e-2, batch_size=2))
+    assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items())
+
+
+def test_a_non_finite_gradient_changes_no_weight():
+    lm = tiny_lm()
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+
+    def inf_grad(idx):  # a finite loss (0) whose gradient is infinite: d sqrt(x) / dx at x = 0
+        w = lm.lm_head.weight[0, 0]
+        return torch.sqrt(w - w.detach()), {}
+
+    with pytest.raises(TL.NonFiniteError, match="gradient"):
+        TL.train(lm, 2, inf_grad, quiet(lr=1e-2, batch_size=2))
+    assert all(torch.equal(before[k], v) for k, v in lm.state_dict().items())
+
+
+def test_generate_uses_the_weights_after_a_training_step():
+    lm = tiny_lm()
+    prompts = [[1, 5, 6], [1, 7]]
+    before = model.generate(lm, prompts, 8)
+    TL.train_sft(lm, [(p, [9, 9, 9, 9, 9, 9, 9, 9]) for p in prompts], EOS, quiet(lr=1e-2, epochs=30, batch_size=2))
+    after = model.generate(lm, prompts, 8)
+    assert after != before
+    # and it is the new weights' own greedy answer, step by step without a cache
+    for p, a in zip(prompts, after):
+        seq = list(p)
+        for _ in range(8):
+            with torch.no_grad():
+                seq.append(lm(torch.tensor([seq]))[0, -1].argmax().item())
+        assert seq[len(p):] == a
+
+
+def test_warmup_then_cosine_schedule():
+    total, warm = 10, 2
+    f = [TL.lr_factor(s, total, warm, "cosine") for s in range(total)]
+    assert f[0] == 0.5 and f[1] == 1.0 and f[2] == 1.0
+    assert all(a >= b for a, b in zip(f[2:], f[3:])) and f[-1] < 0.1
+    assert [TL.lr_factor(s, total, warm, "constant") for s in range(2, total)] == [1.0] * 8
+
+
+def test_gradient_accumulation_equals_one_big_batch(monkeypatch):
+    # Plain SGD, so the update is the gradient itself (Adam's first step is about sign(g) and would hide it).
+    monkeypatch.setattr(TL.torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    a, b = model.add_reward_head(tiny_lm()), model.add_reward_head(tiny_lm())
+    b.load_state_dict(a.state_dict())
+    rows = [(p + c, p + r) for p, c, r in PAIRS]
+    TL.train_reward(a, rows, EOS, quiet(lr=1e-2, batch_size=4, grad_accum=1, warmup=0.0))
+    TL.train_reward(b, rows, EOS, quiet(lr=1e-2, batch_size=1, grad_accum=4, warmup=0.0))
+    for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(x, y, atol=1e-7), n
