@@ -1,0 +1,365 @@
+"""
+Speed of our sampler and DPO training step against transformers', measured as ratios in one process.
+
+    python tests/bench.py                          # every section, 3 repeats (about 10 minutes on 2 cores)
+    python tests/bench.py --only greedy,sample --repeats 5
+    python tests/bench.py --skip-positions --skip-train
+
+The model is a random-init Llama with SmolLM2-135M's configuration (30 layers, C 576, MLP 1536, 9 heads,
+3 key/value heads, V 49152, tied embeddings), built with transformers and saved into a temporary folder.
+Ours loads it with model.load_model, transformers with from_pretrained in float32; both run with their
+defaults (transformers: its generate(), DynamicCache, SDPA attention).
+
+Each measurement runs ours and transformers alternately in this process, and which side goes first swaps
+every repeat, so the slow drift of a shared machine hits both. We print each side's median and the ratio
+of the medians, their time over ours (> 1: ours is faster); "pairs" is the range of the per-repeat ratios.
+Tokens/s counts new tokens over wall time including the prefill, with stop tokens disabled on both sides
+(eos_token_id=None for ours, min_new_tokens for transformers).
+
+Not a test (pytest collects only test_*.py); the targets at the end are the performance issue's.
+"""
+import argparse
+import glob
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
+import data  # noqa: E402
+import losses  # noqa: E402
+import model as M  # noqa: E402
+import train_loop  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SECTIONS = ("greedy", "sample", "positions", "train", "round")
+NEW = 64          # new tokens per sequence in the greedy and sampling sections
+NEAR_TIE = 1e-4   # a top-two logit gap below this may legitimately pick either token
+TARGETS = {"greedy b=1": 1.5, "greedy b=16": 1.25, "ts-align sample": 2.0, "dpo step": 1.1}
+
+# SmolLM2-135M's config.json, with random weights.
+SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0,
+                    max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+
+
+def build_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per side and case (after one warm-up run)")
+    p.add_argument("--only", default=None, help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}")
+    for s in SECTIONS:
+        p.add_argument(f"--skip-{s}", action="store_true", help=f"skip the {s} section")
+    p.add_argument("--checkpoint", default=None, help="use this Llama checkpoint folder instead of a fresh random one")
+    p.add_argument("--runs", default=os.path.join(ROOT, "runs"), help="where tsalign.py wrote its runs (round section)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the random weights")
+    args = p.parse_args(argv)
+    if args.repeats < 1:
+        p.error(f"--repeats must be >= 1, got {args.repeats}")
+    only = set(SECTIONS) if args.only is None else set(args.only.split(","))
+    if only - set(SECTIONS):
+        p.error(f"unknown sections {sorted(only - set(SECTIONS))}; known: {', '.join(SECTIONS)}")
+    args.sections = [s for s in SECTIONS if s in only and not getattr(args, f"skip_{s}")]
+    return args
+
+
+# -----------------------------------------------------------------------------
+# Helpers: the models, prompts, and alternating timing
+
+def make_checkpoint(folder, seed):
+    import transformers as tf
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        hf = tf.LlamaForCausalLM(tf.LlamaConfig(**SMOLLM2_135M)).float()
+    hf.save_pretrained(folder)
+    return folder
+
+
+def load_pair(folder):
+    import transformers as tf
+    transformers_logging_off(tf)
+    ours = M.load_model(folder, device="cpu")
+    hf = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return ours, hf
+
+
+def transformers_logging_off(tf):
+    tf.utils.logging.set_verbosity_error()
+    tf.utils.logging.disable_progress_bar()
+
+
+def random_prompts(n, lo, hi, gen, vocab):
+    """n prompts of lo..hi random token ids (never id 0, the checkpoint's BOS/EOS)."""
+    lengths = torch.randint(lo, hi + 1, (n,), generator=gen).tolist()
+    return [torch.randint(1, vocab, (t,), generator=gen).tolist() for t in lengths]
+
+
+def left_pad(prompts):
+    """(B, T) ids and mask, left-padded with 0: how transformers' generate wants a mixed batch."""
+    return data.pad(prompts, 0, side="left")
+
+
+def hf_generate(hf, prompts, n, **kw):
+    ids, mask = left_pad(prompts)
+    with torch.no_grad():
+        return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **kw)
+
+
+def timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def alternate(repeats, ours, theirs):
+    """Run ours() and theirs() `repeats` times each, alternating which goes first; lists of seconds."""
+    t_ours, t_theirs = [], []
+    for r in range(repeats):
+        order = [(ours, t_ours), (theirs, t_theirs)]
+        for fn, times in (order if r % 2 == 0 else order[::-1]):
+            times.append(timed(fn)[0])
+    return t_ours, t_theirs
+
+
+def report(name, t_ours, t_theirs, unit=None):
+    """Print medians and the ratio of medians (theirs over ours); unit=(count, label) adds a rate."""
+    mo, mt = statistics.median(t_ours), statistics.median(t_theirs)
+    pairs = [b / a for a, b in zip(t_ours, t_theirs)]
+    rate = "" if unit is None else (f"   ours {unit[0] / mo:8.1f} {unit[1]}   transformers {unit[0] / mt:8.1f} {unit[1]}")
+    print(f"  {name:<18} ours {mo * 1e3:9.1f} ms   transformers {mt * 1e3:9.1f} ms   ratio {mt / mo:5.2f}x"
+          f"   (pairs {min(pairs):.2f}-{max(pairs):.2f}){rate}", flush=True)
+    return mt / mo
+
+
+def top2_gap(logits):
+    """(..., V) -> (...): how far the best logit is ahead of the second."""
+    top2 = logits.float().topk(2, dim=-1).values
+    return top2[..., 0] - top2[..., 1]
+
+
+def first_near_tie(gaps):
+    """The first index whose top-two gap is below NEAR_TIE, or None."""
+    return next((t for t, g in enumerate(gaps) if g < NEAR_TIE), None)
+
+
+def first_mismatch(a, b):
+    return next((t for t, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+@torch.no_grad()
+def uncached_logits(lm, prompt, new):
+    """Our logits at each position that predicts a token of `new`, from one full forward with no cache: (n, V)."""
+    ids = torch.tensor([prompt + new])
+    h = lm.hidden_states(ids)[0, len(prompt) - 1:-1]  # (n, C)
+    return lm.logits(h)
+
+
+def check_greedy(lm, prompts, ours, hf_out):
+    """Ours against transformers (up to the first near-tie in their logits) and against our uncached path."""
+    hf_tokens = hf_out.sequences[:, -NEW:].tolist()
+    hf_gaps = torch.stack([top2_gap(step) for step in hf_out.logits], dim=1)  # (B, NEW): their raw logits
+    hf_ties = [first_near_tie(row) for row in hf_gaps.tolist()]
+    bad_hf, bad_uncached, ties = [], [], []
+    for i, (p, o) in enumerate(zip(prompts, ours)):
+        upto = NEW if hf_ties[i] is None else hf_ties[i]
+        if hf_ties[i] is not None:
+            ties.append((i, hf_ties[i]))
+        if o[:upto] != hf_tokens[i][:upto]:
+            bad_hf.append((i, first_mismatch(o, hf_tokens[i])))
+        logits = uncached_logits(lm, p, o)  # (NEW, V)
+        tie = first_near_tie(top2_gap(logits).tolist())
+        upto = NEW if tie is None else tie
+        if logits.argmax(-1).tolist()[:upto] != o[:upto]:
+            bad_uncached.append(i)
+    tie_text = ", ".join(f"row {i} at step {t}" for i, t in ties) or "none"
+    print(f"  parity: near-ties in transformers' logits: {tie_text}")
+    print(f"  parity: token-identical to transformers up to the first near-tie: "
+          f"{'yes' if not bad_hf else 'NO, rows (row, first mismatch) ' + str(bad_hf)}; "
+          f"to our uncached path: {'yes' if not bad_uncached else 'NO, rows ' + str(bad_uncached)}", flush=True)
+    return not bad_hf and not bad_uncached
+
+
+# -----------------------------------------------------------------------------
+# Sections
+
+def bench_greedy(lm, hf, args, gen, results):
+    print("\ngreedy: 64 new tokens, prompts of 20-60 random ids (left-padded for transformers)")
+    V = lm.config.vocab_size
+    for B in (1, 16):
+        prompts = random_prompts(B, 20, 60, gen, V)
+        # Warm-up run of each side, which also gives the tokens and logits for the parity check.
+        ours = M.generate(lm, prompts, NEW, eos_token_id=None)
+        hf_out = hf_generate(hf, prompts, NEW, do_sample=False, return_dict_in_generate=True, output_logits=True)
+        results[f"parity b={B}"] = check_greedy(lm, prompts, ours, hf_out)
+        t_o, t_t = alternate(args.repeats, lambda: M.generate(lm, prompts, NEW, eos_token_id=None),
+                             lambda: hf_generate(hf, prompts, NEW, do_sample=False))
+        results[f"greedy b={B}"] = report(f"b={B}", t_o, t_t, (B * NEW, "tok/s"))
+
+
+def bench_sample(lm, hf, args, gen, results):
+    P, K = 8, 8
+    print(f"\nts-align sampling: {P} prompts of 100-200 ids, K={K} samples each, temperature 1, top-p 0.95, "
+          f"no top-k, {NEW} new tokens")
+    prompts = random_prompts(P, 100, 200, gen, lm.config.vocab_size)
+    g = torch.Generator().manual_seed(args.seed)
+
+    def ours():
+        return M.generate(lm, prompts, NEW, temperature=1.0, top_p=0.95, eos_token_id=None, generator=g, num_samples=K)
+
+    def theirs():
+        return hf_generate(hf, prompts, NEW, do_sample=True, temperature=1.0, top_k=0, top_p=0.95,
+                           num_return_sequences=K)
+
+    o, t = ours(), theirs()  # warm-up
+    assert len(o) == P * K and all(len(x) == NEW for x in o) and t.shape[0] == P * K
+    t_o, t_t = alternate(args.repeats, ours, theirs)
+    results["ts-align sample"] = report("K=8 samples", t_o, t_t, (P * K * NEW, "tok/s"))
+
+
+def step_times(embedding, run):
+    """Seconds between consecutive calls of the token embedding (one per forward) during run()."""
+    stamps = []
+    handle = embedding.register_forward_hook(lambda *_: stamps.append(time.perf_counter()))
+    try:
+        run()
+    finally:
+        handle.remove()
+    return [b - a for a, b in zip(stamps, stamps[1:])]
+
+
+def bench_positions(lm, hf, args, gen, results):
+    steps = 9
+    print(f"\ntime per new token at a position (batch 1, median of {steps - 1} decode steps after the prefill)")
+    V = lm.config.vocab_size
+    per = {}
+    for pos in (64, 256, 1024):
+        prompt = random_prompts(1, pos, pos, gen, V)
+
+        def ours():
+            return statistics.median(step_times(lm.decoder.tok_emb,
+                                                lambda: M.generate(lm, prompt, steps, eos_token_id=None))[1:])
+
+        def theirs():
+            return statistics.median(step_times(hf.model.embed_tokens,
+                                                lambda: hf_generate(hf, prompt, steps, do_sample=False))[1:])
+
+        t_o, t_t = [], []
+        for r in range(args.repeats):
+            pair = [(ours, t_o), (theirs, t_t)]
+            for fn, ts in (pair if r % 2 == 0 else pair[::-1]):
+                ts.append(fn())
+        per[pos] = statistics.median(t_o)
+        report(f"position {pos}", t_o, t_t)
+    flat = per[1024] / per[64]
+    print(f"  ours at 1024 / at 64: {flat:.2f}x (flat is 1.0)")
+    results["position 1024/64"] = flat
+
+
+def bench_train(lm, hf, args, gen, results):
+    P, Tp, Tr = 4, 40, 60
+    print(f"\ndpo training step: {P} pairs, {Tp}-token prompts, {Tr}-token responses, forward + backward of chosen "
+          f"and rejected, AdamW step")
+    V = lm.config.vocab_size
+    prompts = random_prompts(P, Tp, Tp, gen, V)
+    chosen, rejected = random_prompts(P, Tr, Tr, gen, V), random_prompts(P, Tr, Tr, gen, V)
+    batch = data.policy_batch(prompts * 2, chosen + rejected, 0)  # chosen rows, then rejected rows
+    ref = torch.randn(2 * P, generator=gen) - 300.0  # fixed reference log-probs (their values do not matter)
+    lm.train()
+    hf.train()
+    opt_ours = torch.optim.AdamW(lm.parameters(), lr=1e-6)
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-6)
+
+    def ours():
+        logp, _ = train_loop.response_logprobs(lm, batch)  # (2P,)
+        return step(logp, opt_ours)
+
+    def theirs():  # how peer trainers write it: full logits, log-softmax, gather, mask, sum
+        ids, mask, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+        logits = hf(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
+        logp = logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (B, T-1)
+        return step((logp * resp[:, 1:]).sum(-1), opt_hf)
+
+    def step(logp, opt):
+        loss = losses.dpo_loss(logp[:P], logp[P:], ref[:P], ref[P:])[0].mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.item()
+
+    first_ours, first_hf = ours(), theirs()  # warm-up; both models start from the same weights
+    print(f"  first-step loss: ours {first_ours:.6f}, transformers {first_hf:.6f}")
+    t_o, t_t = alternate(args.repeats, ours, theirs)
+    lm.eval()
+    hf.eval()
+    results["dpo step"] = report("step", t_o, t_t, (2 * P * (Tp + Tr), "tok/s"))
+
+
+def bench_round(args):
+    print("\nround cost breakdown of `python tsalign.py --rounds 3` (its metrics.jsonl)")
+    files = glob.glob(os.path.join(args.runs, "*", "metrics.jsonl"))
+    if not files:
+        print(f"  skipped: no {os.path.join(args.runs, '*', 'metrics.jsonl')} (run tsalign.py first)")
+        return
+    path = max(files, key=os.path.getmtime)
+    rows = [json.loads(line) for line in open(path) if line.strip()]
+    rows = [r for r in rows if isinstance(r.get("seconds"), dict)]
+    if not rows:
+        print(f"  skipped: {path} has no per-phase seconds")
+        return
+    phases = []
+    for r in rows:
+        phases += [k for k in r["seconds"] if k not in phases]
+    print(f"  {path}")
+    print("  " + f"{'round':>5} " + " ".join(f"{k:>14}" for k in phases) + f" {'total':>9}")
+    totals = dict.fromkeys(phases, 0.0)
+    for r in rows:
+        s = r["seconds"]
+        for k in phases:
+            totals[k] += s.get(k, 0.0)
+        print("  " + f"{r.get('round', '?'):>5} " + " ".join(f"{s.get(k, 0.0):14.1f}" for k in phases)
+              + f" {sum(s.values()):9.1f}")
+    all_s = sum(totals.values())
+    print("  " + f"{'share':>5} " + " ".join(f"{v / all_s:14.1%}" for v in totals.values()) + f" {all_s:9.1f}")
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv=None):
+    args = build_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)  # transformers samples from the global generator
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.1f}, repeats {args.repeats}, sections {', '.join(args.sections)}")
+    results = {}
+    t0 = time.perf_counter()
+    needs_models = [s for s in args.sections if s != "round"]
+    if needs_models:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = args.checkpoint or make_checkpoint(os.path.join(tmp, "smollm2-135m-random"), args.seed)
+            lm, hf = load_pair(folder)
+        gen = torch.Generator().manual_seed(args.seed)
+        for s in needs_models:
+            globals()[f"bench_{s}"](lm, hf, args, gen, results)
+    if "round" in args.sections:
+        bench_round(args)
+    if results:
+        print(f"\nsummary ({time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}):")
+        for name, target in TARGETS.items():
+            if name in results:
+                r = results[name]
+                print(f"  {name:<18} {r:5.2f}x   target >= {target:.2f}x   {'ok' if r >= target else 'MISSED'}")
+        for name in ("parity b=1", "parity b=16"):
+            if name in results:
+                print(f"  {name:<18} {'ok' if results[name] else 'FAILED'}")
+        if "position 1024/64" in results:
+            print(f"  {'position 1024/64':<18} {results['position 1024/64']:5.2f}x   (flat is 1.0)")
+
+
+if __name__ == "__main__":
+    main()

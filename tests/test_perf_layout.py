@@ -1,0 +1,159 @@
+"""The fast paths of sampling give the same answers as the plain ones, and never use stale weights.
+
+Linear.forward multiplies few rows as W x^T (see model.FEW_ROWS) and sample_token draws by inverse CDF;
+each is checked against the textbook form. Sampling must see every weight change (an optimizer step, an
+in-place edit through .data, load_state_dict, a LoRA merge): after each, greedy decoding equals a fresh
+uncached forward that uses F.linear everywhere.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as M
+from conftest import VOCAB, make_checkpoint
+
+PROMPTS = [[5, 9, 14, 3, 77], [8, 8, 101, 42, 6, 19, 23, 4, 11], [60]]  # mixed lengths: left padding in the batch
+
+
+# -----------------------------------------------------------------------------
+# Linear: the few-rows layout equals F.linear, values and gradients
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_paths_equal_f_linear(bias):
+    torch.manual_seed(0)
+    lin = M.Linear(24, 40, bias=bias)
+    for shape in [(0, 24), (24,), (1, 24), (1, 1, 24), (2, 24), (3, 5, 24), (M.FEW_ROWS, 24), (M.FEW_ROWS + 1, 24)]:
+        x = torch.randn(*shape, requires_grad=True)
+        y = lin(x)
+        ref = F.linear(x, lin.weight, lin.bias)
+        assert y.shape == ref.shape, shape
+        assert torch.allclose(y, ref, atol=1e-5), shape
+        if x.numel():  # gradients through the transposed form equal those of F.linear
+            g = torch.randn_like(ref)
+            got = torch.autograd.grad(y, [x, lin.weight], g)
+            want = torch.autograd.grad(ref, [x, lin.weight], g)
+            for a, b in zip(got, want):
+                assert torch.allclose(a, b, atol=1e-4), shape
+    # a non-contiguous input (the last position of a (B, T, C) batch, as generate passes it)
+    h = torch.randn(3, 7, 24)
+    for x in (h[:, -1], h[:1, -1]):
+        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)
+
+
+def test_linear_with_lora_equals_merged():
+    torch.manual_seed(0)
+    lin = M.Linear(16, 32)
+    lin.lora_a = torch.nn.Parameter(torch.randn(4, 16))
+    lin.lora_b = torch.nn.Parameter(torch.randn(32, 4))
+    lin.lora_scale = 0.5
+    merged = lin.weight + lin.lora_scale * lin.lora_b @ lin.lora_a
+    for rows in (1, 2, 9, M.FEW_ROWS + 3):
+        x = torch.randn(rows, 16)
+        assert torch.allclose(lin(x), F.linear(x, merged, lin.bias), atol=1e-4), rows
+
+
+# -----------------------------------------------------------------------------
+# Sampling never runs on stale weights
+
+def plain_greedy(lm, prompt, n, monkeypatch):
+    """Argmax decoding with a full forward each step (no cache) and F.linear everywhere; also the gaps."""
+    with monkeypatch.context() as m:
+        m.setattr(M, "FEW_ROWS", 0)
+        seq, gaps = list(prompt), []
+        with torch.no_grad():
+            for _ in range(n):
+                logits = lm(torch.tensor([seq]))[0, -1]
+                top2 = logits.topk(2).values
+                gaps.append((top2[0] - top2[1]).item())
+                seq.append(int(logits.argmax()))
+    return seq[len(prompt):], gaps
+
+
+def check_sampling_uses_current_weights(lm, monkeypatch, n=6):
+    """Greedy generate (batch of 3, batch of 1, and 2 samples per prompt) equals plain_greedy; returns it."""
+    batch = M.generate(lm, PROMPTS, n)
+    single = M.generate(lm, PROMPTS[1:2], n)
+    pairs = M.generate(lm, PROMPTS, n, num_samples=2)
+    for i, p in enumerate(PROMPTS):
+        ref, gaps = plain_greedy(lm, p, n, monkeypatch)
+        upto = next((t for t, g in enumerate(gaps) if g < 1e-5), n)  # either token is right from a near-tie on
+        assert batch[i][:upto] == ref[:upto], f"prompt {i}: generate {batch[i]} vs plain forward {ref}"
+        assert pairs[2 * i] == pairs[2 * i + 1] == batch[i]
+    assert single == batch[1:2]
+    return batch
+
+
+def test_weight_updates_reach_sampling(tmp_path, monkeypatch):
+    lm = M.load_model(make_checkpoint(tmp_path / "a", "llama_tied", seed=0))
+    other = M.load_model(make_checkpoint(tmp_path / "b", "llama_tied", seed=1))
+    seen = [check_sampling_uses_current_weights(lm, monkeypatch)]
+
+    def changed():
+        out = check_sampling_uses_current_weights(lm, monkeypatch)
+        assert out != seen[-1], "the weight change did not change the samples: the check would prove nothing"
+        seen.append(out)
+
+    # 1. an optimizer step
+    lm.train()
+    opt = torch.optim.AdamW(lm.parameters(), lr=0.05)
+    ids = torch.tensor([PROMPTS[1]])
+    F.cross_entropy(lm(ids)[0, :-1], ids[0, 1:]).neg().backward()  # push away from the data: a big change
+    opt.step()
+    lm.eval()
+    changed()
+    # 2. an in-place edit through .data, which a cache keyed on the weight's version counter would miss
+    lm.decoder.blocks[0].mlp.down.weight.data.mul_(-3.0)
+    lm.lm_head.weight.data.add_(0.5 * torch.randn(VOCAB, lm.config.n_embd, generator=torch.Generator().manual_seed(0)))
+    changed()
+    # 3. load_state_dict with another model's weights
+    lm.load_state_dict(other.state_dict())
+    changed()
+    # 4. a LoRA adapter, then merged into the weights
+    M.add_lora(lm, rank=4)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for lin in M.lora_layers(lm):
+            lin.lora_b.copy_(0.2 * torch.randn(lin.lora_b.shape, generator=g))
+    changed()
+    M.merge_lora(lm)
+    assert check_sampling_uses_current_weights(lm, monkeypatch) == seen[-1]  # merging changes nothing
+
+
+# -----------------------------------------------------------------------------
+# The inverse-CDF draw samples the distribution that temperature, top-k and top-p describe
+
+def expected_probs(logits, temperature, top_k=None, top_p=None):
+    """The textbook pipeline: (B, V) probabilities after temperature, top-k and top-p (sort-based)."""
+    z = logits / temperature
+    if top_k is not None:
+        z = z.masked_fill(z < z.topk(top_k, -1).values[:, -1:], float("-inf"))
+    p = z.softmax(-1)
+    if top_p is not None:
+        sp, order = p.sort(-1, descending=True)
+        sp = sp * ((sp.cumsum(-1) - sp) < top_p)
+        p = torch.zeros_like(p).scatter(-1, order, sp)
+    return p / p.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=3),
+                                dict(temperature=1.3, top_p=0.8), dict(temperature=1.0, top_k=5, top_p=0.6)])
+def test_sample_token_distribution(kw):
+    g = torch.Generator().manual_seed(0)
+    logits = 1.5 * torch.randn(3, 8, generator=g)
+    logits[2, 5] = float("-inf")  # a token that may never be drawn
+    n = 40_000
+    draws = M.sample_token(logits.repeat(n, 1), generator=g, **kw).view(n, 3)  # (n, 3)
+    freq = torch.stack([torch.bincount(draws[:, r], minlength=8) for r in range(3)]).float() / n  # (3, V)
+    p = expected_probs(logits, **kw)
+    assert not ((p == 0) & (freq > 0)).any(), "drew a token of probability zero"
+    sigma = (p * (1 - p) / n).sqrt()
+    assert ((freq - p).abs() <= 5 * sigma + 1e-6).all(), f"{kw}: frequencies {freq} vs probabilities {p}"
+
+
+def test_sample_token_keeps_at_least_the_top_token():
+    logits = torch.tensor([[3.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    g = torch.Generator().manual_seed(0)
+    assert M.sample_token(logits[:1].repeat(100, 1), 1.0, top_p=1e-6, generator=g).eq(0).all()
+    assert M.sample_token(logits[:1].repeat(100, 1), 1.0, top_k=1, generator=g).eq(0).all()
+    # a uniform row with top_p 0.5 keeps two of its four tokens (ties broken by the sort), never more
+    assert len(set(M.sample_token(logits[1:].repeat(2000, 1), 1.0, top_p=0.5, generator=g).tolist())) == 2
