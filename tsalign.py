@@ -93,6 +93,10 @@ def fail(msg):
     sys.exit(2)
 
 
+def mean(xs):
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
 def resolve(args):
     """Fill the defaults that depend on the setting (world or real checkpoints), and check ranges."""
     world_mode = args.policy is None
@@ -397,13 +401,13 @@ def win_stats(outcomes, prefix):
             prefix.replace("win_rate", "losses"): sum(o == 0.0 for o in outcomes)}
 
 
-def agreement(student, pairs):
-    """Share of held-out pairs (chosen by the teacher first) that the student orders as the teacher does."""
+def student_agrees(student, pairs):
+    """For each held-out pair (the teacher's choice first): does the student order it the same way?"""
     if not pairs:
-        return float("nan")
+        return []
     s = student.score([p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
                       [p["chosen_finished"] for p in pairs] + [p["rejected_finished"] for p in pairs])
-    return (s[:len(pairs)] > s[len(pairs):]).float().mean().item()
+    return (s[:len(pairs)] > s[len(pairs):]).tolist()
 
 
 # -----------------------------------------------------------------------------
@@ -497,7 +501,6 @@ class Setup:
     student: Scorer
     teacher: Scorer
     base_dir: str
-    student_dir: str
     train_prompts: list | None   # None: the world draws fresh prompts every round
     eval_prompts: list
     evaluator: Evaluator
@@ -544,7 +547,7 @@ def setup(args):
     else:
         evaluator = Evaluator(eval_prompts, "teacher", judge=teacher)
     check_lengths(args, policy, [student, teacher], (train_prompts or []) + eval_prompts)
-    return Setup(policy, student, teacher, policy_dir, student_dir, train_prompts, eval_prompts, evaluator, world)
+    return Setup(policy, student, teacher, policy_dir, train_prompts, eval_prompts, evaluator, world)
 
 
 def check_lengths(args, policy, scorers, prompts):
@@ -596,8 +599,7 @@ def round_zero(args, S):
         print(f"student warm-up: {len(warm_pairs)} teacher-labelled pairs ({warm_calls} teacher calls)")
     base = {"greedy": [s.__dict__ for s in greedy], "sampled": [[s.__dict__ for s in g] for g in sampled],
             "agreement_pairs": agree, "warmup_pairs": warm_pairs}
-    m = {"round": 0, "teacher_calls_warmup": warm_calls, "student_teacher_agreement": agreement(S.student, agree),
-         "agreement_pairs": len(agree)}
+    m = {"round": 0, "teacher_calls_warmup": warm_calls, "agreement_pairs": len(agree)}
     m.update(evaluate(args, S, base, greedy, sampled))
     m["seconds"] = {"eval": time.time() - t0}
 
@@ -693,21 +695,18 @@ def evaluate(args, S, base, greedy, sampled):
     flat_prompts = [p for p in prompts for _ in range(4)]
     m.update(win_stats(S.evaluator.outcomes(flat_prompts, flat, flat_base), "win_rate_vs_base_sampled"))
     m["policy_len"] = sum(len(s.ids) for s in greedy) / len(greedy)
-    m["student_teacher_agreement"] = agreement(S.student, base["agreement_pairs"])
+    pairs = base["agreement_pairs"]
+    agrees = student_agrees(S.student, pairs)
+    m["student_teacher_agreement"] = mean(agrees)
     if S.world is not None:
         o = S.world.oracle
         m["oracle_reward"] = sum(o(p, s.text) if s.finished else 0.0 for p, s in zip(prompts, greedy)) / len(prompts)
         m["oracle_exact"] = sum(s.finished and o(p, s.text) == 1.0 for p, s in zip(prompts, greedy)) / len(prompts)
-        decided = [p for p in base["agreement_pairs"] if o(p["prompt"], p["chosen"]) != o(p["prompt"], p["rejected"])]
-        m["teacher_oracle_accuracy"] = sum(o(p["prompt"], p["chosen"]) > o(p["prompt"], p["rejected"])
-                                           for p in decided) / max(1, len(decided))
-        if decided:
-            s = S.student.score([p["prompt"] for p in decided] * 2,
-                                [p["chosen"] for p in decided] + [p["rejected"] for p in decided],
-                                [p["chosen_finished"] for p in decided] + [p["rejected_finished"] for p in decided])
-            right = [(a > b) == (o(p["prompt"], p["chosen"]) > o(p["prompt"], p["rejected"]))
-                     for p, a, b in zip(decided, s[:len(decided)].tolist(), s[len(decided):].tolist())]
-            m["student_oracle_accuracy"] = sum(right) / len(right)
+        # On the pairs the oracle can tell apart: is the teacher right, and is the student?
+        teacher_right = [o(p["prompt"], p["chosen"]) > o(p["prompt"], p["rejected"]) for p in pairs]
+        decided = [i for i, p in enumerate(pairs) if o(p["prompt"], p["chosen"]) != o(p["prompt"], p["rejected"])]
+        m["teacher_oracle_accuracy"] = mean([teacher_right[i] for i in decided])
+        m["student_oracle_accuracy"] = mean([agrees[i] == teacher_right[i] for i in decided])
     return m
 
 
@@ -720,10 +719,6 @@ def policy_eval(args, S, r):
 
 # -----------------------------------------------------------------------------
 # One round, and the run
-
-def mean(xs):
-    return sum(xs) / len(xs) if xs else float("nan")
-
 
 def run_round(args, S, base, r, replay):
     """Sample, rank, have the teacher decide, train the student and the policy, evaluate, save."""
