@@ -120,3 +120,15 @@ def checkpoint(tmp_path):
         return make_checkpoint(tmp_path / f"ckpt{next(counter)}", family, reward, **overrides)
 
     return make
+
+
+def uncached_greedy(lm, prompt, n):
+    """Step-by-step argmax of our model with a full forward each step (no cache); also each step's top-two gap."""
+    seq, gaps = list(prompt), []
+    with torch.no_grad():
+        for _ in range(n):
+            logits = lm(torch.tensor([seq], device=next(lm.parameters()).device))[0, -1]
+            top2 = logits.topk(2).values
+            gaps.append((top2[0] - top2[1]).item())
+            seq.append(int(logits.argmax()))
+    return seq[len(prompt):], gaps

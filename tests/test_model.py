@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
 import model as M
-from conftest import BOS, EOS, FAMILIES, PAD, VOCAB, hf_load, make_checkpoint
+from conftest import BOS, EOS, FAMILIES, PAD, VOCAB, hf_load, make_checkpoint, uncached_greedy
 
 
 
@@ -158,17 +158,6 @@ def test_reward_pad_equals_eos(tmp_path):
 # 4. Greedy generation: cached == uncached, and == transformers up to a near-tie
 
 PROMPTS = [rand_ids(n, seed=20 + n).tolist() for n in (5, 11, 3, 8)]
-
-
-def uncached_greedy(lm, prompt, n):
-    """Step-by-step argmax with a full forward each step (no cache); also each step's top-two gap."""
-    seq, gaps = list(prompt), []
-    for _ in range(n):
-        logits = lm(torch.tensor([seq]))[0, -1]
-        top2 = logits.topk(2).values
-        gaps.append((top2[0] - top2[1]).item())
-        seq.append(int(logits.argmax()))
-    return seq[len(prompt):], gaps
 
 
 def hf_greedy(hf, prompt, n):

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import model as M
-from conftest import VOCAB, make_checkpoint
+from conftest import VOCAB, make_checkpoint, uncached_greedy
 
 PROMPTS = [[5, 9, 14, 3, 77], [8, 8, 101, 42, 6, 19, 23, 4, 11], [60]]  # mixed lengths: left padding in the batch
 
@@ -59,14 +59,7 @@ def plain_greedy(lm, prompt, n, monkeypatch):
     """Argmax decoding with a full forward each step (no cache) and F.linear everywhere; also the gaps."""
     with monkeypatch.context() as m:
         m.setattr(M, "FEW_ROWS", 0)
-        seq, gaps = list(prompt), []
-        with torch.no_grad():
-            for _ in range(n):
-                logits = lm(torch.tensor([seq]))[0, -1]
-                top2 = logits.topk(2).values
-                gaps.append((top2[0] - top2[1]).item())
-                seq.append(int(logits.argmax()))
-    return seq[len(prompt):], gaps
+        return uncached_greedy(lm, prompt, n)
 
 
 def check_sampling_uses_current_weights(lm, monkeypatch, n=6):

@@ -8,6 +8,7 @@ import data
 import losses
 import model
 import train_loop as TL
+from conftest import uncached_greedy
 
 EOS = 2  # also the pad id below: the pitfall where a mask built from ids would hide the final EOS
 
@@ -141,11 +142,7 @@ def test_generate_uses_the_weights_after_a_training_step():
     assert after != before
     # and it is the new weights' own greedy answer, step by step without a cache
     for p, a in zip(prompts, after):
-        seq = list(p)
-        for _ in range(8):
-            with torch.no_grad():
-                seq.append(lm(torch.tensor([seq]))[0, -1].argmax().item())
-        assert seq[len(p):] == a
+        assert uncached_greedy(lm, p, 8)[0] == a
 
 
 def test_warmup_then_cosine_schedule():
