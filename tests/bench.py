@@ -55,7 +55,7 @@ SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, n
 
 def build_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per side and case (after one warm-up run)")
+    p.add_argument("--repeats", type=int, default=2, help="timed runs per side and case (warm-up runs come on top)")
     p.add_argument("--only", default=None, help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}")
     for s in SECTIONS:
         p.add_argument(f"--skip-{s}", action="store_true", help=f"skip the {s} section")
@@ -78,6 +78,7 @@ def build_args(argv=None):
 
 def make_checkpoint(folder, seed):
     import transformers as tf
+    transformers_logging_off(tf)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         hf = tf.LlamaForCausalLM(tf.LlamaConfig(**SMOLLM2_135M)).float()
