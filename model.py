@@ -390,8 +390,12 @@ class CausalLM(nn.Module):
     def logits(self, hidden):
         return self.lm_head(hidden)  # (..., C) -> (..., V)
 
-    def forward(self, input_ids, attention_mask=None):
-        return self.logits(self.hidden_states(input_ids, attention_mask))
+    def forward(self, input_ids, attention_mask=None, select=None):
+        """Logits (B, T, V); with select, a (B, T) bool mask, only at the selected positions, (N, V):
+        the output layer is the largest matmul of a small model, and training needs it only where a
+        response token is predicted."""
+        h = self.hidden_states(input_ids, attention_mask)  # (B, T, C)
+        return self.logits(h if select is None else h[select])
 
 
 class RewardModel(nn.Module):
@@ -672,9 +676,10 @@ def merge_lora(model):
 # -----------------------------------------------------------------------------
 # Sampling: a small pipeline on the last position's logits, and a batched loop with a KV cache
 
-def sample_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None):
+def sample_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None, u=None):
     """logits (B, V) -> next token ids (B,). Temperature 0 is argmax; otherwise temperature, then
-    top-k, then top-p (the smallest set of tokens whose probability reaches top_p), then a draw."""
+    top-k, then top-p (the smallest set of tokens whose probability reaches top_p), then a draw.
+    u: the draw's random numbers in (0, 1], (B,); None draws them from generator."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float()
@@ -697,8 +702,9 @@ def sample_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None
     # Inverse-CDF draw: the first token whose cumulative probability reaches u * mass. With u in (0, 1], a
     # token of probability zero is never drawn and the draw never passes the kept tokens. One random number
     # per row: torch.multinomial draws one per vocabulary entry (90-120 ms a step for 64 rows of 49152 here).
-    u = 1.0 - torch.rand(len(probs), 1, generator=generator, device=probs.device)  # (B, 1)
-    idx = torch.searchsorted(cdf, u * mass)  # (B, 1)
+    if u is None:
+        u = 1.0 - torch.rand(len(probs), generator=generator, device=probs.device)  # (B,)
+    idx = torch.searchsorted(cdf, u[:, None].to(cdf) * mass)  # (B, 1)
     return (idx if order is None else order.gather(-1, idx)).squeeze(-1)  # (B,)
 
 
@@ -726,9 +732,16 @@ def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
     i's samples at i*K .. i*K+K-1), each ending with its stop token if it stopped on one (so a list
     whose last id is not a stop id was truncated at max_new_tokens). With return_logprobs, also each
     new token's log-prob under the model (temperature 1, before top-k/top-p). eos_token_id: an id, a
-    list of ids (e.g. lm.config.stop_token_ids) or None (never stop)."""
+    list of ids (e.g. lm.config.stop_token_ids) or None (never stop).
+
+    generator: one torch.Generator for the whole batch, or a list with one CPU generator per prompt. With
+    a list, each prompt's random numbers come from its own stream, drawn up front, so its samples do not
+    depend on which other prompts share the batch (or, under torchrun, on which process samples it)."""
     cfg = lm.config
     _check_sampling(prompts, max_new_tokens, temperature, top_k, top_p, num_samples, cfg.max_positions)
+    per_prompt = isinstance(generator, (list, tuple))
+    if per_prompt and len(generator) != len(prompts):
+        raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts; give one per prompt")
     stops = torch.tensor(_as_list(eos_token_id), dtype=torch.long)
     device = next(lm.parameters()).device
     # Left-pad the prompts to one length, so every row's next token lands in the same cache slot.
@@ -750,8 +763,11 @@ def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
     length = torch.zeros(N, dtype=torch.long, device=device)  # new tokens kept per row
     done = torch.zeros(N, dtype=torch.bool, device=device)
     ones = torch.ones(N, 1, dtype=torch.long, device=device)
+    u = None
+    if per_prompt and temperature > 0:  # (N, max_new_tokens): row i*K+k is sample k of prompt i
+        u = 1.0 - torch.cat([torch.rand(num_samples, max_new_tokens, generator=g) for g in generator]).to(device)
     for t in range(max_new_tokens):
-        nxt = sample_token(logits, temperature, top_k, top_p, generator)  # (N,)
+        nxt = sample_token(logits, temperature, top_k, top_p, generator, None if u is None else u[:, t])  # (N,)
         tokens[:, t] = nxt
         if return_logprobs:
             logps[:, t] = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)

@@ -11,13 +11,19 @@ The loop itself (`train`) is AdamW, linear warm-up then cosine or constant learn
 clipping and accumulation, a tqdm bar, and a guard that refuses to apply a non-finite update. Each
 function returns the mean of its metrics over the final epoch.
 
+Under torchrun the same loop is data-parallel: each process takes its share of every batch and
+DistributedDataParallel sums the gradients, so W processes take the very steps that one would.
+
 Everything here works on token ids: turning text into ids, and ids into padded batches, is data.py's job.
 Shapes: B batch, T time, C model dim, V vocab, N response positions in a batch.
 """
 import math
+import os
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import data
@@ -50,6 +56,93 @@ class NonFiniteError(FloatingPointError):
 
 
 # -----------------------------------------------------------------------------
+# Data parallel: what changes when torchrun starts W processes
+#
+# torchrun starts one process per device and tells each its RANK, the WORLD_SIZE and its LOCAL_RANK (the
+# device on its machine). Every process holds all the models. Work is split in two ways:
+#   blocks     a list of work (prompts, pairs) is cut into fixed blocks, and rank r computes blocks
+#              r, r+W, r+2W, ...; a block is computed exactly as one process computes it, then every
+#              rank gets every block's result, so the outcome does not depend on W;
+#   gradients  each rank takes its share of every batch; DistributedDataParallel all-reduces the
+#              gradients during backward, and every rank takes the same optimizer step.
+
+def rank():
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size():
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main():
+    """Only rank 0 prints, shows progress bars and writes files."""
+    return rank() == 0
+
+
+def init_distributed(device):
+    """Join torchrun's process group if started by torchrun with several processes, and return the
+    device this process uses (cuda:LOCAL_RANK on GPUs). Plain `python` runs return device unchanged."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return device
+    if torch.device(device).type == "cuda":
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+    return device
+
+
+def barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def broadcast(obj):
+    """Rank 0's obj, on every rank."""
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def finish():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def per_block(n, size, fn, desc=None):
+    """fn(indices) on this rank's blocks of range(n) (blocks of `size`); every block's result, in order,
+    on every rank. fn's results travel between processes as pickles: keep them small and on the CPU.
+    desc: a progress bar over the blocks (rank 0's share)."""
+    blocks = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
+    ours = [b for b in range(len(blocks)) if b % world_size() == rank()]
+    bar = tqdm(ours, desc=desc, disable=desc is None or not is_main(), leave=False, dynamic_ncols=True)
+    mine = {b: fn(blocks[b]) for b in bar}
+    if world_size() > 1:
+        parts = [None] * world_size()
+        dist.all_gather_object(parts, mine)
+        mine = {b: out for part in parts for b, out in part.items()}
+    return [mine[b] for b in range(len(blocks))]
+
+
+def _any_rank(flag, device):
+    """Whether flag is true on any rank (a collective: every rank must call it)."""
+    if world_size() == 1:
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def _sum_over_ranks(values, device):
+    if world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# -----------------------------------------------------------------------------
 # The loop
 
 def lr_factor(step, total, warmup_steps, schedule):
@@ -64,20 +157,26 @@ def lr_factor(step, total, warmup_steps, schedule):
 def train(model, n_examples, loss_fn, tc):
     """Minimise loss_fn over n_examples examples.
 
-    loss_fn(indices) -> (mean loss over those examples, dict of float metrics). Returns the metrics and
-    the loss averaged over the final epoch (weighted by examples). A non-finite loss or gradient raises
-    NonFiniteError before the optimizer touches anything, so the weights stay as they were."""
+    loss_fn(net, indices) -> (mean loss over those examples, dict of float metrics), where net is the
+    model to call (the model itself, or its DistributedDataParallel wrapper under torchrun). Returns the
+    metrics and the loss averaged over the final epoch (weighted by examples). A non-finite loss or
+    gradient raises NonFiniteError before the optimizer touches anything, so the weights stay as they were."""
     if n_examples == 0:
         raise ValueError(f"{tc.desc}: nothing to train on")
     params = [p for p in model.parameters() if p.requires_grad]
+    device = params[0].device
+    W, R = world_size(), rank()
+    # The wrapper hooks an all-reduce of the gradients into backward. Our buffers (RoPE tables) never
+    # change, so they need not be re-broadcast before every forward.
+    net = DistributedDataParallel(model, broadcast_buffers=False) if W > 1 else model
     opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
     per_step = tc.batch_size * tc.grad_accum
     steps_per_epoch = math.ceil(n_examples / per_step)
     total = tc.epochs * steps_per_epoch
     warmup_steps = round(tc.warmup * total)
-    gen = torch.Generator().manual_seed(tc.seed)
+    gen = torch.Generator().manual_seed(tc.seed)  # the same order on every rank
     model.train()
-    bar = tqdm(total=total, desc=tc.desc, disable=not tc.progress, leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=tc.desc, disable=not (tc.progress and is_main()), leave=False, dynamic_ncols=True)
     step = 0
     for epoch in range(tc.epochs):
         order = torch.randperm(n_examples, generator=gen).tolist()
@@ -87,18 +186,21 @@ def train(model, n_examples, loss_fn, tc):
             for g in opt.param_groups:
                 g["lr"] = tc.lr * lr_factor(step, total, warmup_steps, tc.schedule)
             for mb in range(0, len(chunk), tc.batch_size):
-                idx = chunk[mb:mb + tc.batch_size]
-                loss, metrics = loss_fn(idx)
-                if not torch.isfinite(loss):
+                share = chunk[mb:mb + tc.batch_size][R::W]  # this rank's examples of the micro-batch
+                # Every rank runs the same number of backward passes, as each ends in an all-reduce: a
+                # rank with no example in this micro-batch runs one with weight 0.
+                loss, metrics = loss_fn(net, share or chunk[mb:mb + 1])
+                if _any_rank(not torch.isfinite(loss), device):
                     opt.zero_grad(set_to_none=True)
-                    raise NonFiniteError(f"{tc.desc}: loss is {loss.item()} at step {step}; the update was not "
-                                         f"applied and the weights are as they were before it")
-                (loss * len(idx) / len(chunk)).backward()  # each example weighs the same in the step
+                    raise NonFiniteError(f"{tc.desc}: loss is not finite at step {step} (here {loss.item()}); the "
+                                         f"update was not applied and the weights are as they were before it")
+                # Each example weighs the same in the step; DDP averages over the W ranks, hence the * W.
+                (loss * (len(share) * W / len(chunk))).backward()
                 metrics = {"loss": loss.item(), **metrics}
                 for k, v in metrics.items():
-                    sums[k] = sums.get(k, 0.0) + float(v) * len(idx)
-                seen += len(idx)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)
+                    sums[k] = sums.get(k, 0.0) + float(v) * len(share)
+                seen += len(share)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)  # the same on every rank
             if not torch.isfinite(grad_norm):
                 opt.zero_grad(set_to_none=True)
                 raise NonFiniteError(f"{tc.desc}: gradient norm is {grad_norm.item()} at step {step}; the update "
@@ -107,10 +209,12 @@ def train(model, n_examples, loss_fn, tc):
             opt.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{sums['loss'] / seen:.4f}", epoch=epoch + 1, refresh=False)
+            bar.set_postfix(loss=f"{sums['loss'] / max(1, seen):.4f}", epoch=epoch + 1, refresh=False)
     bar.close()
     model.eval()
-    return {k: v / seen for k, v in sums.items()}
+    keys = sorted(sums)
+    totals = _sum_over_ranks([sums[k] for k in keys] + [seen], device)
+    return {k: v / totals[-1] for k, v in zip(keys, totals)}
 
 
 # -----------------------------------------------------------------------------
@@ -120,11 +224,12 @@ def response_logprobs(lm, batch):
     """Summed log-probs of each row's response tokens, (B,), and their counts, (B,).
 
     The output layer (C x V, the largest matmul of a small model) runs only on the N positions that
-    predict a response token, not on every prompt and padding position."""
+    predict a response token, not on every prompt and padding position. lm: a CausalLM, or its
+    DistributedDataParallel wrapper (which must be called, not bypassed, to all-reduce the gradients)."""
     ids, mask, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-    h = lm.hidden_states(ids, mask)               # (B, T, C)
     sel = resp[:, 1:].bool()                      # (B, T-1): position t predicts token t+1
-    logits = lm.logits(h[:, :-1][sel])            # (N, V)
+    predicts = torch.cat([sel, torch.zeros_like(sel[:, :1])], 1)  # (B, T): the same, on the input positions
+    logits = lm(ids, mask, select=predicts)       # (N, V)
     logp = losses.token_logprobs(logits, ids[:, 1:][sel])  # (N,)
     row = torch.arange(len(ids), device=ids.device)[:, None].expand_as(sel)[sel]  # (N,) row of each position
     total = torch.zeros(len(ids), device=ids.device, dtype=logp.dtype).index_add(0, row, logp)  # (B,)
@@ -144,17 +249,18 @@ def _pair_batch(pairs, idx, pad_id, device):
 
 @torch.no_grad()
 def reference_logprobs(lm, pairs, pad_id, batch_size=16):
-    """Log-probs of the chosen and rejected responses under lm, each (P,), in one no-grad pass.
+    """Log-probs of the chosen and rejected responses under lm, each (P,) on the CPU, in one no-grad
+    pass (under torchrun, each rank computes its blocks of pairs and all get all).
 
     pairs: list of (prompt_ids, chosen_ids, rejected_ids)."""
     lm.eval()
-    chosen, rejected = [], []
-    for s in range(0, len(pairs), batch_size):
-        idx = list(range(s, min(s + batch_size, len(pairs))))
+
+    def block(idx):
         logp, _ = response_logprobs(lm, _pair_batch(pairs, idx, pad_id, _device(lm)))
-        chosen.append(logp[:len(idx)])
-        rejected.append(logp[len(idx):])
-    return torch.cat(chosen), torch.cat(rejected)
+        return logp.cpu()  # (2B,): chosen then rejected
+
+    out = per_block(len(pairs), batch_size, block)
+    return torch.cat([o[:len(o) // 2] for o in out]), torch.cat([o[len(o) // 2:] for o in out])
 
 
 # -----------------------------------------------------------------------------
@@ -173,8 +279,8 @@ def train_dpo(lm, pairs, pad_id, tc, beta=0.1, loss_type="sigmoid", label_smooth
     ref_c, ref_r = ref_c.to(device), ref_r.to(device)
     first = {}
 
-    def loss_fn(idx):
-        logp, n_tok = response_logprobs(lm, _pair_batch(pairs, idx, pad_id, device))
+    def loss_fn(net, idx):
+        logp, n_tok = response_logprobs(net, _pair_batch(pairs, idx, pad_id, device))
         B = len(idx)
         pi_c, pi_r = logp[:B], logp[B:]
         idx_t = torch.tensor(idx, device=device)
@@ -201,10 +307,10 @@ def train_reward(rm, pairs, pad_id, tc, margin=0.0, center_coef=0.0):
     formatted and tokenised for this reward model (data.reward_ids)."""
     device = _device(rm)
 
-    def loss_fn(idx):
+    def loss_fn(net, idx):
         rows = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
         ids, mask = data.pad(rows, pad_id)
-        r = rm(ids.to(device), mask.to(device))  # (2B,)
+        r = net(ids.to(device), mask.to(device))  # (2B,)
         loss, m = losses.ranking_loss(r[:len(idx)], r[len(idx):], margin, center_coef)
         return loss.mean(), {k: float(v) for k, v in m.items()}
 
@@ -215,9 +321,9 @@ def train_sft(lm, examples, pad_id, tc):
     """Supervised fine-tuning: mean NLL of the response tokens of (prompt_ids, response_ids) examples."""
     device = _device(lm)
 
-    def loss_fn(idx):
+    def loss_fn(net, idx):
         batch = data.policy_batch([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad_id)
-        logp, n_tok = response_logprobs(lm, {k: v.to(device) for k, v in batch.items()})
+        logp, n_tok = response_logprobs(net, {k: v.to(device) for k, v in batch.items()})
         return -logp.sum() / n_tok.sum().clamp(min=1), {}
 
     return train(lm, len(examples), loss_fn, tc)

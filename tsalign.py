@@ -13,6 +13,10 @@ Each round, on fresh prompts and with the newest policy (on-policy):
 
     python tsalign.py --rounds 3          # the embedded default world (world.py), offline
     python tsalign.py --rounds 3 --policy DIR --student DIR --teacher DIR --prompts FILE --prompt-format chatml
+    torchrun --standalone --nproc_per_node 8 tsalign.py ...   # the same run, data-parallel over 8 processes
+
+Under torchrun, each process samples, scores and mines its blocks of the prompts, every process gets
+every pair, and training is data-parallel (train_loop.py): the result is the single process's.
 
 Shapes: P prompts, K samples per prompt.
 """
@@ -28,7 +32,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-from tqdm.auto import tqdm
 
 import data
 import model
@@ -65,6 +68,7 @@ def build_parser():
     a("--student-lora-rank", type=int, default=0, help="LoRA rank for the student (0 = full fine-tuning)")
     a("--student-warmup", type=int, default=0, help="before round 1, the teacher labels this many base-policy pairs to train the student")
     a("--eval-count", type=int, default=None, help="held-out prompts to evaluate on (default: 2000 in the world, 64 otherwise)")
+    a("--sample-batch", type=int, default=64, help="prompts sampled in one batch (also the unit of work split between torchrun processes)")
     a("--seed", type=int, default=0, help="seed of every random choice (prompts, samples, shuffles), per round")
     a("--out", default=None, help="run folder (default: a new dated folder under runs/)")
     a("--resume", action="store_true", help="continue the run in --out (default: the newest under runs/) after its last finished round")
@@ -93,6 +97,12 @@ def fail(msg):
     sys.exit(2)
 
 
+def say(*a, **kw):
+    """print, on rank 0 only (under torchrun every process runs this file)."""
+    if train_loop.is_main():
+        print(*a, **kw)
+
+
 def mean(xs):
     return sum(xs) / len(xs) if xs else float("nan")
 
@@ -116,7 +126,8 @@ def resolve(args):
         fail(f"--rounds must be at least 1, got {args.rounds}")
     if args.k < 2:
         fail(f"--k must be at least 2 (a pair needs two responses), got {args.k}")
-    for name in ("prompts_per_round", "max_new_tokens", "epochs", "batch_size", "student_epochs", "eval_count"):
+    for name in ("prompts_per_round", "max_new_tokens", "epochs", "batch_size", "student_epochs", "eval_count",
+                 "sample_batch"):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     for name in ("beta", "lr", "student_lr"):
@@ -248,17 +259,14 @@ class Sample:
     finished: bool     # ended with a stop token (False: truncated at --max-new-tokens)
 
 
-def sample(policy, prompts, k, args, gen, desc="sampling"):
-    """K samples per prompt: a list (P) of lists (K) of Sample."""
-    out = []
-    for s in tqdm(range(0, len(prompts), 64), desc=desc, leave=False, dynamic_ncols=True):
-        chunk = prompts[s:s + 64]
-        toks = model.generate(policy.lm, [policy.encode(p) for p in chunk], args.max_new_tokens,
-                              temperature=args.temperature, top_p=args.top_p, eos_token_id=policy.stops,
-                              generator=gen, num_samples=k)
-        for i in range(len(chunk)):
-            out.append([Sample(t, *data.response_text(policy.tok, t, policy.stops)) for t in toks[i * k:(i + 1) * k]])
-    return out
+def sample(policy, prompts, k, args, gens):
+    """K samples of each prompt, in one batch: a list (P) of lists (K) of Sample. gens: one generator
+    per prompt (see prompt_generators), or None for greedy decoding."""
+    toks = model.generate(policy.lm, [policy.encode(p) for p in prompts], args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, eos_token_id=policy.stops,
+                          generator=gens, num_samples=k)
+    return [[Sample(t, *data.response_text(policy.tok, t, policy.stops)) for t in toks[i * k:(i + 1) * k]]
+            for i in range(len(prompts))]
 
 
 def distinct_finished(samples):
@@ -301,6 +309,16 @@ def teacher_rank_all(teacher, prompt, cands):
             wins[i] += pi
             wins[j] += 1 - pi
     return wins / (2 * (n - 1)), len(order)
+
+
+def teacher_orders(teacher, two):
+    """The teacher's margin (first over second) of each (prompt, (first, second)) item, by blocks across
+    processes: a list of floats."""
+    def block(idx):
+        m, _ = teacher_margins(teacher, [two[i][0] for i in idx], [two[i][1][0] for i in idx],
+                               [two[i][1][1] for i in idx])
+        return m.tolist()
+    return [m for part in train_loop.per_block(len(two), 64, block) for m in part]
 
 
 def split(flat, sizes):
@@ -386,9 +404,14 @@ class Evaluator:
             a = [self.oracle(p, s.text) if s.finished else 0.0 for p, s in zip(prompts, ours)]
             b = [self.oracle(p, s.text) if s.finished else 0.0 for p, s in zip(prompts, base)]
             return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
-        margins, _ = teacher_margins(self.judge, prompts, ours, base)
-        same = [x.text == y.text and x.finished == y.finished for x, y in zip(ours, base)]
-        return [0.5 if eq or math.isnan(m) or m == 0 else 1.0 if m > 0 else 0.0 for eq, m in zip(same, margins.tolist())]
+        out = [0.5] * len(prompts)  # the same response twice is a tie, without asking
+        ask = [i for i, (x, y) in enumerate(zip(ours, base)) if (x.text, x.finished) != (y.text, y.finished)]
+        if ask:
+            margins, _ = teacher_margins(self.judge, [prompts[i] for i in ask], [ours[i] for i in ask],
+                                         [base[i] for i in ask])
+            for i, m in zip(ask, margins.tolist()):
+                out[i] = 0.5 if math.isnan(m) or m == 0 else 1.0 if m > 0 else 0.0
+        return out
 
 
 def win_stats(outcomes, prefix):
@@ -403,11 +426,12 @@ def win_stats(outcomes, prefix):
 
 def student_agrees(student, pairs):
     """For each held-out pair (the teacher's choice first): does the student order it the same way?"""
-    if not pairs:
-        return []
-    s = student.score([p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
-                      [p["chosen_finished"] for p in pairs] + [p["rejected_finished"] for p in pairs])
-    return (s[:len(pairs)] > s[len(pairs):]).tolist()
+    def block(idx):
+        ps = [pairs[i] for i in idx]
+        s = student.score([p["prompt"] for p in ps] * 2, [p["chosen"] for p in ps] + [p["rejected"] for p in ps],
+                          [p["chosen_finished"] for p in ps] + [p["rejected_finished"] for p in ps])
+        return (s[:len(ps)] > s[len(ps):]).tolist()
+    return [a for part in train_loop.per_block(len(pairs), 64, block) for a in part]
 
 
 # -----------------------------------------------------------------------------
@@ -491,8 +515,11 @@ def seed_for(args, r, purpose):
     return (args.seed * 1_000_003 + r * 7_919 + {"prompts": 1, "sample": 2, "eval": 3, "warmup": 4, "train": 5}[purpose]) % 2**62
 
 
-def generator(args, r, purpose, device):
-    return torch.Generator(device=device).manual_seed(seed_for(args, r, purpose))
+def prompt_generators(args, r, purpose, indices):
+    """One CPU generator per prompt, seeded from the round's seed and the prompt's index in its list: a
+    prompt's samples do not depend on which batch or which torchrun process draws them."""
+    base = seed_for(args, r, purpose)
+    return [torch.Generator().manual_seed((base * 1_000_003 + i) % 2**62) for i in indices]
 
 
 @dataclass
@@ -515,7 +542,10 @@ def setup(args):
         # The world's models are tiny: one thread is several times faster than two here, where
         # OpenMP threads spin against each other on small matrices.
         torch.set_num_threads(1)
-        folder = world.ensure_world(args.rebuild_world)
+        if train_loop.is_main():  # rank 0 builds the world (if not cached), the others wait and read it
+            world.ensure_world(args.rebuild_world)
+        train_loop.barrier()
+        folder = world.ensure_world()
         policy_dir, student_dir, teacher_dir = (os.path.join(folder, n) for n in ("policy", "student", "teacher"))
         rng = random.Random(seed_for(args, 0, "eval"))
         eval_prompts = list(dict.fromkeys(world.random_prompt(rng) for _ in range(2 * args.eval_count)))[:args.eval_count]
@@ -581,26 +611,22 @@ def round_prompts(args, S, r):
 
 def round_zero(args, S):
     t0 = time.time()
-    gen = generator(args, 0, "eval", next(S.policy.lm.parameters()).device)
-    greedy = [g[0] for g in sample(S.policy, S.eval_prompts, 1, greedy_args(args), gen, "base greedy")]
-    sampled = sample(S.policy, S.eval_prompts, 4, args, gen, "base samples")
+    ev = held_out(args, S, 0, None)
     # Agreement pairs: two distinct base samples per held-out prompt, ordered by the teacher, ties left out.
-    two = [(p, distinct_finished(g)[:2]) for p, g in zip(S.eval_prompts, sampled)]
+    two = [(p, distinct_finished(g)[:2]) for p, g in zip(S.eval_prompts, ev["sampled"])]
     two = [(p, c) for p, c in two if len(c) == 2]
-    margins, _ = teacher_margins(S.teacher, [p for p, _ in two], [c[0] for _, c in two], [c[1] for _, c in two]) \
-        if two else (torch.zeros(0), 0)
-    agree = [as_pair(p, c if m > 0 else c[::-1]) for (p, c), m in zip(two, margins.tolist())
+    agree = [as_pair(p, c if m > 0 else c[::-1]) for (p, c), m in zip(two, teacher_orders(S.teacher, two))
              if not math.isnan(m) and m != 0]
     warm_pairs, warm_calls = [], 0
     if args.student_warmup > 0:
         warm_pairs, warm_calls = warmup_pairs(args, S)
         if warm_pairs:
             train_student(args, S, warm_pairs, 0)
-        print(f"student warm-up: {len(warm_pairs)} teacher-labelled pairs ({warm_calls} teacher calls)")
-    base = {"greedy": [s.__dict__ for s in greedy], "sampled": [[s.__dict__ for s in g] for g in sampled],
+        say(f"student warm-up: {len(warm_pairs)} teacher-labelled pairs ({warm_calls} teacher calls)")
+    base = {"greedy": [s.__dict__ for s in ev["greedy"]], "sampled": [[s.__dict__ for s in g] for g in ev["sampled"]],
             "agreement_pairs": agree, "warmup_pairs": warm_pairs}
     m = {"round": 0, "teacher_calls_warmup": warm_calls, "agreement_pairs": len(agree)}
-    m.update(evaluate(args, S, base, greedy, sampled))
+    m.update(evaluate(args, S, base, ev))
     m["seconds"] = {"eval": time.time() - t0}
 
     def write(folder):
@@ -608,7 +634,8 @@ def round_zero(args, S):
         if args.student_warmup > 0:
             model.save_model(S.student.m, os.path.join(folder, "student"))
         write_json(os.path.join(folder, "metrics.json"), m)
-    commit_round(args.out, 0, write)
+    if train_loop.is_main():
+        commit_round(args.out, 0, write)
     return base
 
 
@@ -626,17 +653,18 @@ def greedy_args(args):
 def warmup_pairs(args, S):
     """--student-warmup N: the teacher orders N pairs of distinct base-policy samples (2 calls each)."""
     rng = random.Random(seed_for(args, 0, "warmup"))
-    gen = generator(args, 0, "warmup", next(S.policy.lm.parameters()).device)
     pool = S.train_prompts or [S.world.random_prompt(rng) for _ in range(4 * args.student_warmup)]
     prompts = rng.sample(pool, min(len(pool), 2 * args.student_warmup))
-    two = [(p, distinct_finished(g)[:2]) for p, g in zip(prompts, sample(S.policy, prompts, 2, args, gen, "warm-up samples"))]
+
+    def block(idx):
+        ps = [prompts[i] for i in idx]
+        groups = sample(S.policy, ps, 2, args, prompt_generators(args, 0, "warmup", idx))
+        return [(p, distinct_finished(g)[:2]) for p, g in zip(ps, groups)]
+    two = [x for part in train_loop.per_block(len(prompts), args.sample_batch, block, "warm-up samples") for x in part]
     two = [(p, c) for p, c in two if len(c) == 2][:args.student_warmup]
-    if not two:
-        return [], 0
-    margins, calls = teacher_margins(S.teacher, [p for p, _ in two], [c[0] for _, c in two], [c[1] for _, c in two])
-    pairs = [{**as_pair(p, c if m > 0 else c[::-1]), "margin": abs(m)} for (p, c), m in zip(two, margins.tolist())
+    pairs = [{**as_pair(p, c if m > 0 else c[::-1]), "margin": abs(m)} for (p, c), m in zip(two, teacher_orders(S.teacher, two))
              if not math.isnan(m) and m != 0 and abs(m) >= args.min_margin]
-    return pairs, calls
+    return pairs, 2 * len(two)  # the teacher sees both responses of each pair
 
 
 # -----------------------------------------------------------------------------
@@ -684,16 +712,30 @@ def as_samples(rows):
     return [Sample(**s) for s in rows]
 
 
-def evaluate(args, S, base, greedy, sampled):
-    prompts = S.eval_prompts
-    base_greedy = as_samples(base["greedy"])
-    base_sampled = [as_samples(g) for g in base["sampled"]]
+def held_out(args, S, r, base):
+    """The policy's greedy response and 4 samples for each held-out prompt, and how each fares against
+    the base policy's (base None: this is the base policy), by blocks of prompts across processes: a
+    dict of lists over all held-out prompts."""
+    def block(idx):
+        prompts = [S.eval_prompts[i] for i in idx]
+        greedy = [g[0] for g in sample(S.policy, prompts, 1, greedy_args(args), None)]
+        sampled = sample(S.policy, prompts, 4, args, prompt_generators(args, r, "eval", idx))
+        base_greedy = greedy if base is None else as_samples([base["greedy"][i] for i in idx])
+        base_sampled = sampled if base is None else [as_samples(base["sampled"][i]) for i in idx]
+        flat, flat_base = [s for g in sampled for s in g], [s for g in base_sampled for s in g]
+        return {"greedy": greedy, "sampled": sampled,
+                "greedy_outcomes": S.evaluator.outcomes(prompts, greedy, base_greedy),
+                "sampled_outcomes": S.evaluator.outcomes([p for p in prompts for _ in range(4)], flat, flat_base)}
+    parts = train_loop.per_block(len(S.eval_prompts), args.sample_batch, block, f"round {r}: evaluation")
+    return {k: [x for part in parts for x in part[k]] for k in parts[0]}
+
+
+def evaluate(args, S, base, ev):
+    """Round metrics from held_out's results: win rates, length, student-teacher agreement, oracle."""
+    prompts, greedy = S.eval_prompts, ev["greedy"]
     m = {"win_rate_judge": S.evaluator.name}
-    m.update(win_stats(S.evaluator.outcomes(prompts, greedy, base_greedy), "win_rate_vs_base"))
-    flat = [s for g in sampled for s in g]
-    flat_base = [s for g in base_sampled for s in g]
-    flat_prompts = [p for p in prompts for _ in range(4)]
-    m.update(win_stats(S.evaluator.outcomes(flat_prompts, flat, flat_base), "win_rate_vs_base_sampled"))
+    m.update(win_stats(ev["greedy_outcomes"], "win_rate_vs_base"))
+    m.update(win_stats(ev["sampled_outcomes"], "win_rate_vs_base_sampled"))
     m["policy_len"] = sum(len(s.ids) for s in greedy) / len(greedy)
     pairs = base["agreement_pairs"]
     agrees = student_agrees(S.student, pairs)
@@ -710,31 +752,31 @@ def evaluate(args, S, base, greedy, sampled):
     return m
 
 
-def policy_eval(args, S, r):
-    gen = generator(args, r, "eval", next(S.policy.lm.parameters()).device)
-    greedy = [g[0] for g in sample(S.policy, S.eval_prompts, 1, greedy_args(args), gen, "eval greedy")]
-    sampled = sample(S.policy, S.eval_prompts, 4, args, gen, "eval samples")
-    return greedy, sampled
-
-
 # -----------------------------------------------------------------------------
 # One round, and the run
 
 def run_round(args, S, base, r, replay):
     """Sample, rank, have the teacher decide, train the student and the policy, evaluate, save."""
-    secs = {}
-    t0 = time.time()
     prompts = round_prompts(args, S, r)
-    samples = sample(S.policy, prompts, args.k, args, generator(args, r, "sample", next(S.policy.lm.parameters()).device))
-    secs["sample"] = time.time() - t0
-    pairs, dropped, calls, overturned, t = mine_pairs(prompts, samples, S.student, S.teacher, args)
-    secs.update(t)
-    all_samples = [s for g in samples for s in g]
+
+    def block(idx):  # steps 1-3 on one block of prompts
+        ps = [prompts[i] for i in idx]
+        t0 = time.time()
+        samples = sample(S.policy, ps, args.k, args, prompt_generators(args, r, "sample", idx))
+        t_sample = time.time() - t0
+        pairs, dropped, calls, overturned, secs = mine_pairs(ps, samples, S.student, S.teacher, args)
+        return {"pairs": pairs, "dropped": dropped, "calls": calls, "overturned": overturned,
+                "seconds": {"sample": t_sample, **secs}, "truncated": sum(not s.finished for g in samples for s in g)}
+    parts = train_loop.per_block(len(prompts), args.sample_batch, block, f"round {r}: sample, rank, judge")
+    pairs = [p for part in parts for p in part["pairs"]]  # in prompt order, whatever the number of processes
+    dropped = {k: sum(part["dropped"][k] for part in parts) for k in parts[0]["dropped"]}
+    overturned = sum(part["overturned"] for part in parts)
+    secs = {k: sum(part["seconds"][k] for part in parts) for k in parts[0]["seconds"]}  # summed over processes
     m = {"round": r, "prompts": len(prompts), "pairs": len(pairs), "pairs_dropped": dropped,
-         "teacher_calls": calls, "selection": args.selection,
-         "teacher_calls_if_scoring_all": sum(len(g) * (len(g) - 1 if S.teacher.judge else 1) for g in samples),
+         "teacher_calls": sum(part["calls"] for part in parts), "selection": args.selection,
+         "teacher_calls_if_scoring_all": len(prompts) * args.k * (args.k - 1 if S.teacher.judge else 1),
          "teacher_overturn_rate": overturned / max(1, len(pairs)) if args.selection == "ts-align" else None,
-         "truncation_rate": mean([not s.finished for s in all_samples]),
+         "truncation_rate": sum(part["truncated"] for part in parts) / (len(prompts) * args.k),
          "chosen_len": mean([len(p["chosen_ids"]) for p in pairs]),
          "rejected_len": mean([len(p["rejected_ids"]) for p in pairs]),
          "chosen_longer_share": mean([len(p["chosen_ids"]) > len(p["rejected_ids"]) for p in pairs])}
@@ -752,11 +794,11 @@ def run_round(args, S, base, r, replay):
         m.update(dpo_loss=dpo["dpo_loss"], dpo_reward_accuracy=dpo["reward_accuracy"],
                  dpo_reward_margin=dpo["reward_margin"], dpo_first_loss=dpo["dpo_first_loss"])
         secs["policy_train"] = time.time() - t0
-    else:
+    elif train_loop.is_main():
         print(f"round {r}: no pairs survived the filters; the policy and student are unchanged", file=sys.stderr)
     t0 = time.time()
-    greedy, sampled = policy_eval(args, S, r)
-    m.update(evaluate(args, S, base, greedy, sampled))
+    ev = held_out(args, S, r, base)
+    m.update(evaluate(args, S, base, ev))
     secs["eval"] = time.time() - t0
     m["seconds"] = secs
 
@@ -766,9 +808,10 @@ def run_round(args, S, base, r, replay):
         # The format other preference-training tools read, plus our scores and the policy's token ids.
         write_jsonl(os.path.join(folder, "pairs.jsonl"), pairs)
         write_json(os.path.join(folder, "examples.json"),
-                   [{"prompt": p, "response": g.text} for p, g in zip(S.eval_prompts[:5], greedy)])
+                   [{"prompt": p, "response": g.text} for p, g in zip(S.eval_prompts[:5], ev["greedy"])])
         write_json(os.path.join(folder, "metrics.json"), m)
-    commit_round(args.out, r, write)
+    if train_loop.is_main():
+        commit_round(args.out, r, write)
     return pairs, m
 
 
@@ -812,16 +855,22 @@ def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     explicit = {k for k, v in vars(args).items() if v != parser.get_default(k)}
-    args = open_run(resolve(args), explicit)
+    args = resolve(args)
+    device = train_loop.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if train_loop.is_main():  # rank 0 opens the run folder; every process then takes its options
+        args = open_run(args, explicit)
+    args = train_loop.broadcast(args)
+    args.device = device  # each process its own
+    torch.manual_seed(args.seed)  # a student from a causal LM gets a fresh head: drawn from this seed
     try:
         S = setup(args)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    done = finished_rounds(args.out)
-    saved = {k: v for k, v in vars(args).items()}
-    write_json(os.path.join(args.out, "config.json"), saved)
-    print(f"run folder: {args.out}" + (f" (resuming after round {max(done)})" if done else ""))
-    torch.manual_seed(args.seed)
+    done = train_loop.broadcast(finished_rounds(args.out) if train_loop.is_main() else None)
+    if train_loop.is_main():
+        write_json(os.path.join(args.out, "config.json"), vars(args))
+    say(f"run folder: {args.out}" + (f" (resuming after round {max(done)})" if done else "")
+        + (f", {train_loop.world_size()} processes" if train_loop.world_size() > 1 else ""))
     if 0 in done:
         base = json.load(open(os.path.join(args.out, "round_0", "base_eval.json")))
     else:
@@ -830,12 +879,18 @@ def main(argv=None):
     for r in range((max(done) if done else 0) + 1, args.rounds + 1):
         pairs, m = run_round(args, S, base, r, replay)
         replay += pairs
-        print(f"round {r}: {m['pairs']} pairs, teacher calls {m['teacher_calls']}, win rate vs base "
-              f"{m['win_rate_vs_base']:.3f} (sampled {m['win_rate_vs_base_sampled']:.3f}), "
-              f"student-teacher agreement {m['student_teacher_agreement']:.3f}")
-    print_table(args.out)
-    print_examples(args.out, S, base)
+        say(f"round {r}: {m['pairs']} pairs, teacher calls {m['teacher_calls']}, win rate vs base "
+            f"{m['win_rate_vs_base']:.3f} (sampled {m['win_rate_vs_base_sampled']:.3f}), "
+            f"student-teacher agreement {m['student_teacher_agreement']:.3f}")
+    if train_loop.is_main():
+        print_table(args.out)
+        print_examples(args.out, S, base)
+    train_loop.finish()
 
 
 if __name__ == "__main__":
-    main()
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: a failing process reports its traceback
+        from torch.distributed.elastic.multiprocessing.errors import record
+        record(main)()
+    else:
+        main()

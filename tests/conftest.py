@@ -9,11 +9,13 @@ global torch RNG untouched (it draws from its own seeded generator).
 (initialised to ones) and biases (initialised to zeros) are redrawn too, so a loader that swapped q_norm
 and k_norm, dropped a bias or read the wrong LayerNorm would change the outputs.
 """
+import json
 import os
 import sys
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
@@ -132,3 +134,54 @@ def uncached_greedy(lm, prompt, n):
             gaps.append((top2[0] - top2[1]).item())
             seq.append(int(logits.argmax()))
     return seq[len(prompt):], gaps
+
+
+# -----------------------------------------------------------------------------
+# A tiny TS-Align setting for the end-to-end tests (tsalign.py in one process and under torchrun)
+
+WORDS = [str(i) for i in range(10)] + ["user", "assistant", "\n"] + list("abcdefghij") + ["A", "B"]
+SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+DEVICE = os.environ.get("TSALIGN_TEST_DEVICE", "cpu")  # tests/gpu_check.py sets cuda
+
+
+def word_tokenizer():
+    vocab = {t: i for i, t in enumerate(SPECIALS + WORDS)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok.add_special_tokens(SPECIALS)
+    return tok
+
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    """A policy (Llama), a student (a Qwen2 causal LM that gets a fresh head), a teacher (a GPT-2
+    reward model) and an LLM judge (Qwen3), all sharing a 30-token word-level tokenizer, and a prompts file."""
+    root = tmp_path_factory.mktemp("tiny")
+    tok = word_tokenizer()
+    V = tok.get_vocab_size()
+    ids = dict(vocab_size=V, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    dirs = {"policy": make_checkpoint(root / "policy", "llama", seed=1, **ids),
+            "student": make_checkpoint(root / "student", "qwen2", seed=2, **ids),
+            "teacher": make_checkpoint(root / "teacher", "gpt2", reward=True, seed=3, **ids),
+            "judge": make_checkpoint(root / "judge", "qwen3", seed=4, **ids)}
+    for d in dirs.values():
+        tok.save(os.path.join(d, "tokenizer.json"))
+    # A random policy rarely says EOS; a few more stop ids (read from generation_config.json, as for
+    # Llama-3) make most responses finish within --max-new-tokens, so that pairs get mined.
+    with open(os.path.join(dirs["policy"], "generation_config.json"), "w") as f:
+        json.dump({"eos_token_id": [2, 4] + [tok.token_to_id(c) for c in "abcde"]}, f)
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(" ".join(WORDS[(i * 7 + j) % 23] for j in range(3 + i % 4)) for i in range(40)) + "\n")
+    return {**dirs, "prompts": str(prompts), "root": root}
+
+
+def argv(w, out, *extra):
+    return ["--policy", w["policy"], "--student", w["student"], "--teacher", w["teacher"], "--prompts", w["prompts"],
+            "--prompt-format", "chatml", "--k", "4", "--prompts-per-round", "12", "--max-new-tokens", "16",
+            "--eval-count", "6", "--batch-size", "4", "--lr", "1e-3", "--student-lr", "1e-3", "--out", str(out),
+            "--student-warmup", "4", "--device", DEVICE, *extra]
+
+
+def metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]

@@ -299,6 +299,24 @@ def test_sampling_reproducible_and_top_k_1(llama_lm):
     assert sample(3, top_p=1e-6) == greedy  # the smallest set reaching top_p is the top token alone
 
 
+def test_per_prompt_generators_make_samples_independent_of_the_batch(llama_lm):
+    """With one generator per prompt, a prompt's K samples are the same whatever shares its batch (what
+    lets torchrun processes split the prompts and still draw what one process draws)."""
+    lm, n, K = llama_lm, 10, 3
+
+    def gens(*seeds):
+        return [torch.Generator().manual_seed(s) for s in seeds]
+
+    a = M.generate(lm, PROMPTS[:2], n, temperature=1.0, top_p=0.9, generator=gens(10, 11), num_samples=K)
+    b = M.generate(lm, [PROMPTS[2], PROMPTS[0]], n, temperature=1.0, top_p=0.9, generator=gens(12, 10), num_samples=K)
+    alone = M.generate(lm, PROMPTS[:1], n, temperature=1.0, top_p=0.9, generator=gens(10), num_samples=K)
+    assert a[:K] == b[K:] == alone
+    assert len({tuple(s) for s in alone}) > 1  # the K rows of a prompt draw different numbers
+    assert M.generate(lm, PROMPTS[:1], n, temperature=1.0, generator=gens(13), num_samples=K) != alone
+    with pytest.raises(ValueError, match="one per prompt"):
+        M.generate(lm, PROMPTS[:2], n, temperature=1.0, generator=gens(1))
+
+
 # -----------------------------------------------------------------------------
 # 6. stop_token_ids from generation_config.json
 

@@ -112,7 +112,7 @@ def test_a_non_finite_loss_changes_no_weight():
     lm = tiny_lm()
     before = {k: v.clone() for k, v in lm.state_dict().items()}
 
-    def nan_loss(idx):
+    def nan_loss(net, idx):
         return lm(torch.tensor([[1, 2, 3]])).sum() * float("nan"), {}
 
     with pytest.raises(TL.NonFiniteError, match="not applied"):
@@ -124,7 +124,7 @@ def test_a_non_finite_gradient_changes_no_weight():
     lm = tiny_lm()
     before = {k: v.clone() for k, v in lm.state_dict().items()}
 
-    def inf_grad(idx):  # a finite loss (0) whose gradient is infinite: d sqrt(x) / dx at x = 0
+    def inf_grad(net, idx):  # a finite loss (0) whose gradient is infinite: d sqrt(x) / dx at x = 0
         w = lm.lm_head.weight[0, 0]
         return torch.sqrt(w - w.detach()), {}
 

@@ -1,0 +1,104 @@
+"""torchrun: two CPU processes (gloo backend) compute what one process computes, and a process that dies
+stops the whole run, leaving the last finished round for --resume."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import model
+import tsalign
+from conftest import argv, metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
+
+
+def torchrun(args, nproc=2):
+    """Start `torchrun --standalone --nproc_per_node nproc tsalign.py args` (a free port is chosen)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           os.path.join(ROOT, "tsalign.py"), *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def pairs(out, r):
+    with open(os.path.join(out, f"round_{r}", "pairs.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# Blocks of 2 prompts: the round's 12 prompts and the 6 held-out ones are shared by both processes.
+# No warm-up: the student that ranks round 1's samples is then the very same in both runs.
+SMALL = ("--rounds", "1", "--sample-batch", "2", "--student-warmup", "0")
+
+
+def test_two_processes_equal_one(world, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    tsalign.main(argv(world, one, *SMALL))
+    proc = torchrun(argv(world, two, *SMALL))
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    assert log.count("run folder:") == 1 and "2 processes" in log  # only rank 0 prints
+    # The pairs the two processes mined together are the single process's, in the same order.
+    assert pairs(one, 1) and pairs(two, 1) == pairs(one, 1)
+    a, b = metrics(one)[1], metrics(two)[1]
+    for k in ("pairs_dropped", "teacher_calls", "truncation_rate", "teacher_overturn_rate"):
+        assert a[k] == b[k], k
+    assert metrics(one)[0]["win_rate_vs_base"] == metrics(two)[0]["win_rate_vs_base"] == 0.5
+    # One data-parallel round of student and policy training gives the single process's weights.
+    start = model.load_model(world["policy"], "cpu").state_dict()
+    for name in ("policy", "student"):
+        x = model.load_model(str(one / "round_1" / name), "cpu").state_dict()
+        y = model.load_model(str(two / "round_1" / name), "cpu").state_dict()
+        if name == "policy":
+            assert max((x[k] - start[k]).abs().max() for k in x) > 1e-3, "the policy did not train: nothing compared"
+        for k in x:
+            assert (x[k] - y[k]).abs().max() < 1e-4, (name, k)
+
+
+def children(pid):
+    """The worker processes torchrun started: {rank: pid}, read from /proc (Linux)."""
+    out = {}
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            if ppid != pid:
+                continue
+            with open(f"/proc/{p}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+            out[int(env[b"RANK"])] = int(p)
+        except (OSError, KeyError, ValueError, IndexError):
+            continue
+    return out
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes in /proc")
+def test_a_dying_process_stops_the_run_and_the_last_round_survives(world, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(argv(world, out, "--rounds", "100", "--sample-batch", "4", "--student-warmup", "0"))
+    deadline = time.time() + 240
+    while not os.path.exists(out / "round_1" / "metrics.json"):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0] if proc.poll() is not None else "slow"
+        time.sleep(0.05)
+    ranks = children(proc.pid)
+    assert sorted(ranks) == [0, 1], ranks
+    os.kill(ranks[1], signal.SIGKILL)
+    t0 = time.time()
+    log, _ = proc.communicate(timeout=120)  # no hang: the other process is stopped too
+    assert proc.returncode != 0
+    assert time.time() - t0 < 120
+    assert "FAILED" in log and "SIGKILL" in log, log[-2000:]  # torchrun names the process and its signal
+    for pid in ranks.values():
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    # Every round folder is whole, and the run resumes from the last one in a single process.
+    done = tsalign.finished_rounds(str(out))
+    assert done and done == list(range(max(done) + 1))
+    tsalign.main(["--resume", "--out", str(out), "--rounds", str(max(done) + 1)])
+    assert [m["round"] for m in metrics(out)] == list(range(max(done) + 2))
