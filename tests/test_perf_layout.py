@@ -129,7 +129,8 @@ def expected_probs(logits, temperature, top_k=None, top_p=None):
 
 
 @pytest.mark.parametrize("kw", [dict(temperature=1.0), dict(temperature=0.7, top_k=3),
-                                dict(temperature=1.3, top_p=0.8), dict(temperature=1.0, top_k=5, top_p=0.6)])
+                                dict(temperature=1.3, top_p=0.8), dict(temperature=1.0, top_k=5, top_p=0.6),
+                                dict(temperature=1.0, top_p=0.3)])  # many rejected tries: the fallback runs
 def test_sample_token_distribution(kw):
     g = torch.Generator().manual_seed(0)
     logits = 1.5 * torch.randn(3, 8, generator=g)
@@ -150,3 +151,16 @@ def test_sample_token_keeps_at_least_the_top_token():
     assert M.sample_token(logits[:1].repeat(100, 1), 1.0, top_k=1, generator=g).eq(0).all()
     # a uniform row with top_p 0.5 keeps two of its four tokens (ties broken by the sort), never more
     assert len(set(M.sample_token(logits[1:].repeat(2000, 1), 1.0, top_p=0.5, generator=g).tolist())) == 2
+
+
+@pytest.mark.parametrize("top_p", [0.3, 0.5, 0.9])
+def test_nucleus_membership_equals_a_stable_sort(top_p):
+    """The sort-free test of nucleus membership keeps exactly the tokens a stable descending sort keeps,
+    ties included (logits rounded to quarters, as coarse as bf16 ones: many tokens share a value)."""
+    g = torch.Generator().manual_seed(1)
+    probs = ((8 * torch.randn(16, 50, generator=g)).round() / 4).softmax(-1)  # (16, 50)
+    assert (probs[:, :, None] == probs[:, None, :]).sum() > 2 * probs.numel(), "few ties: the test tests less"
+    p, order = probs.sort(dim=-1, descending=True, stable=True)
+    kept = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (p.cumsum(-1) - p) < top_p)  # (16, 50)
+    for tok in range(probs.shape[1]):
+        assert torch.equal(M.in_nucleus(probs, torch.full((16,), tok), top_p), kept[:, tok]), tok
