@@ -184,6 +184,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
+        if x.dtype == torch.float32:  # one call instead of six small ops, bit for bit the formula below
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         # Normalise in float32 (as the reference implementations do), scale in the model's dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -215,16 +217,18 @@ def rope_inv_freq(cfg, device):
 
 
 def rope_cos_sin(cfg, pos, dtype):
-    """cos and sin for integer positions pos (B, T) -> each (B, 1, T, D)."""
+    """cos and signed sin for integer positions pos (B, T) -> each (B, 1, T, D). Hugging Face's half-split
+    layout (pairs are (i, i + D/2), not interleaved); the sin's first half carries the rotation's minus sign."""
     freqs = pos[..., None].float() * rope_inv_freq(cfg, pos.device)  # (B, T, D/2)
-    emb = torch.cat([freqs, freqs], dim=-1)  # (B, T, D): Hugging Face's half-split layout, not interleaved
-    return emb.cos()[:, None].to(dtype), emb.sin()[:, None].to(dtype)
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], -1)[:, None].to(dtype), torch.cat([-sin, sin], -1)[:, None].to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, H, T, D) by its positions: pairs are (i, i + D/2)."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+    """Rotate x (B, H, T, D) by its positions: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). Rolling
+    by D/2 swaps the halves, and the signed sin supplies the minus: bit for bit the reference's
+    x * cos + cat(-x2, x1) * sin, in three ops instead of six (they add up at batch 1)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 class Attention(nn.Module):

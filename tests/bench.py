@@ -280,8 +280,9 @@ def bench_train(lm, hf, args, gen, results):
     ref = torch.randn(2 * P, generator=gen) - 300.0  # fixed reference log-probs (their values do not matter)
     lm.train()
     hf.train()
-    opt_ours = torch.optim.AdamW(lm.parameters(), lr=1e-6)
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-6)
+    opt_ours = train_loop.make_optimizer(list(lm.parameters()), train_loop.TrainConfig(lr=1e-6))
+    # transformers' Trainer (and TRL's DPOTrainer on it) defaults to optim="adamw_torch_fused" with torch >= 2.8
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-6, fused=True)
 
     def ours():
         logp, _ = train_loop.response_logprobs(lm, batch)  # (2P,)

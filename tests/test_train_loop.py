@@ -155,7 +155,7 @@ def test_warmup_then_cosine_schedule():
 
 def test_gradient_accumulation_equals_one_big_batch(monkeypatch):
     # Plain SGD, so the update is the gradient itself (Adam's first step is about sign(g) and would hide it).
-    monkeypatch.setattr(TL.torch.optim, "AdamW", lambda params, lr, weight_decay: torch.optim.SGD(params, lr=lr))
+    monkeypatch.setattr(TL, "make_optimizer", lambda params, tc: torch.optim.SGD(params, lr=tc.lr))
     a, b = model.add_reward_head(tiny_lm()), model.add_reward_head(tiny_lm())
     b.load_state_dict(a.state_dict())
     rows = [(p + c, p + r) for p, c, r in PAIRS]
