@@ -237,8 +237,13 @@ def build(folder):
 
 
 def cache_key():
-    with open(__file__, "rb") as f:
-        code = f.read()
+    """A hash of the code that builds the world (this file and the modules it trains with) and its
+    settings: a change in any of them, an optimizer's for one, builds a different world."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = b""
+    for name in ("world.py", "model.py", "data.py", "losses.py", "train_loop.py"):
+        with open(os.path.join(here, name), "rb") as f:
+            code += f.read()
     return hashlib.sha256(code + json.dumps(SETTINGS, sort_keys=True).encode()).hexdigest()[:16]
 
 
