@@ -332,7 +332,7 @@ def split(flat, sizes):
 def mine_pairs(prompts, samples, student, teacher, args):
     """One preference pair per prompt where possible, and the counts of what was dropped and why.
 
-    Steps 2 and 3 of the round, each one batched pass over the given prompts (a block): the ranker (the student; the
+    Steps 2 and 3 of the round on a block of prompts, each one batched pass: the ranker (the student; the
     teacher itself for teacher-all) scores every candidate, then the teacher decides each best-vs-worst."""
     dropped = {"too_few_finished": 0, "identical": 0, "low_margin": 0, "invalid_judge": 0}
     groups = []  # (prompt, candidates) of the prompts that can give a pair
