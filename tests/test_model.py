@@ -509,9 +509,23 @@ def test_errors(ckpts, tmp_path):
         shutil.copytree(ckpts("llama"), d)
         return d
 
-    d = copy("arch")
-    cfg = json.load(open(os.path.join(d, "config.json")))
-    json.dump({**cfg, "architectures": ["BertModel"]}, open(os.path.join(d, "config.json"), "w"))
+    def with_config(name, **changes):
+        """A copy of the checkpoint whose config.json has these keys changed."""
+        d = copy(name)
+        cfg = json.load(open(os.path.join(d, "config.json")))
+        json.dump({**cfg, **changes}, open(os.path.join(d, "config.json"), "w"))
+        return d
+
+    def with_tensors(name, edit):
+        """A copy of the checkpoint whose tensors went through edit(state_dict) in place."""
+        d = copy(name)
+        st = os.path.join(d, "model.safetensors")
+        sd = load_file(st)
+        edit(sd)
+        save_file(sd, st, metadata={"format": "pt"})
+        return d
+
+    d = with_config("arch", architectures=["BertModel"])
     with pytest.raises(ValueError) as e:
         M.load_model(d)
     one_line(e, "BertModel", "LlamaForCausalLM", "GPT2LMHeadModel", "Qwen3ForCausalLM")
@@ -523,34 +537,23 @@ def test_errors(ckpts, tmp_path):
         M.load_model(d)
     one_line(e, "config.json", "JSON")
 
-    d = copy("missing_tensor")
-    st = os.path.join(d, "model.safetensors")
-    sd = load_file(st)
     gone = "model.layers.1.mlp.up_proj.weight"
-    del sd[gone]
-    save_file(sd, st, metadata={"format": "pt"})
+    d = with_tensors("missing_tensor", lambda sd: sd.pop(gone))
     with pytest.raises(ValueError) as e:
         M.load_model(d)
     one_line(e, gone, "missing")
 
-    d = copy("bad_shape")
-    st = os.path.join(d, "model.safetensors")
-    sd = load_file(st)
     bad = "model.layers.0.self_attn.k_proj.weight"
-    sd[bad] = torch.zeros(sd[bad].shape[0] + 1, sd[bad].shape[1])
-    save_file(sd, st, metadata={"format": "pt"})
+    d = with_tensors("bad_shape", lambda sd: sd.update({bad: torch.zeros(sd[bad].shape[0] + 1, sd[bad].shape[1])}))
     with pytest.raises(ValueError) as e:
         M.load_model(d)
     one_line(e, bad, "shape")
 
-    d = copy("extra_tensor")
-    st = os.path.join(d, "model.safetensors")
-    sd = load_file(st)
-    sd["model.layers.0.self_attn.extra.weight"] = torch.zeros(2)
-    save_file(sd, st, metadata={"format": "pt"})
+    extra = "model.layers.0.self_attn.extra.weight"
+    d = with_tensors("extra_tensor", lambda sd: sd.update({extra: torch.zeros(2)}))
     with pytest.raises(ValueError) as e:
         M.load_model(d)
-    one_line(e, "model.layers.0.self_attn.extra.weight")
+    one_line(e, extra)
 
     d = copy("no_weights")
     os.remove(os.path.join(d, "model.safetensors"))
@@ -558,10 +561,7 @@ def test_errors(ckpts, tmp_path):
         M.load_model(d)
     one_line(e, "model.safetensors")
 
-    d = copy("two_labels")
-    cfg = json.load(open(os.path.join(d, "config.json")))
-    json.dump({**cfg, "architectures": ["LlamaForSequenceClassification"], "id2label": {"0": "a", "1": "b"}},
-              open(os.path.join(d, "config.json"), "w"))
+    d = with_config("two_labels", architectures=["LlamaForSequenceClassification"], id2label={"0": "a", "1": "b"})
     with pytest.raises(ValueError) as e:
         M.load_model(d)
     one_line(e, "label")
