@@ -125,6 +125,11 @@ def per_block(n, size, fn, desc=None):
     return [mine[b] for b in range(len(blocks))]
 
 
+def per_item(n, size, fn, desc=None):
+    """per_block for an fn that returns one result per index: the flat list of all n results, in order."""
+    return [x for part in per_block(n, size, fn, desc) for x in part]
+
+
 def _any_rank(flag, device):
     """Whether flag is true on any rank (a collective: every rank must call it)."""
     if world_size() == 1:

@@ -318,7 +318,7 @@ def teacher_orders(teacher, two):
         m, _ = teacher_margins(teacher, [two[i][0] for i in idx], [two[i][1][0] for i in idx],
                                [two[i][1][1] for i in idx])
         return m.tolist()
-    return [m for part in train_loop.per_block(len(two), 64, block) for m in part]
+    return train_loop.per_item(len(two), 64, block)
 
 
 def split(flat, sizes):
@@ -431,7 +431,7 @@ def student_agrees(student, pairs):
         s = student.score([p["prompt"] for p in ps] * 2, [p["chosen"] for p in ps] + [p["rejected"] for p in ps],
                           [p["chosen_finished"] for p in ps] + [p["rejected_finished"] for p in ps])
         return (s[:len(ps)] > s[len(ps):]).tolist()
-    return [a for part in train_loop.per_block(len(pairs), 64, block) for a in part]
+    return train_loop.per_item(len(pairs), 64, block)
 
 
 # -----------------------------------------------------------------------------
@@ -613,10 +613,7 @@ def round_zero(args, S):
     t0 = time.time()
     ev = held_out(args, S, 0, None)
     # Agreement pairs: two distinct base samples per held-out prompt, ordered by the teacher, ties left out.
-    two = [(p, distinct_finished(g)[:2]) for p, g in zip(S.eval_prompts, ev["sampled"])]
-    two = [(p, c) for p, c in two if len(c) == 2]
-    agree = [as_pair(p, c if m > 0 else c[::-1]) for (p, c), m in zip(two, teacher_orders(S.teacher, two))
-             if not math.isnan(m) and m != 0]
+    agree = teacher_pairs(S.teacher, first_two_distinct(S.eval_prompts, ev["sampled"]))
     warm_pairs, warm_calls = [], 0
     if args.student_warmup > 0:
         warm_pairs, warm_calls = warmup_pairs(args, S)
@@ -639,11 +636,22 @@ def round_zero(args, S):
     return base
 
 
-def as_pair(prompt, two):
-    """A pair record from (chosen, rejected) samples."""
-    c, r = two
-    return {"prompt": prompt, "chosen": c.text, "rejected": r.text, "chosen_finished": c.finished,
-            "rejected_finished": r.finished}
+def first_two_distinct(prompts, groups):
+    """(prompt, [first, second]) for each prompt whose samples hold two distinct finished responses."""
+    two = [(p, distinct_finished(g)[:2]) for p, g in zip(prompts, groups)]
+    return [(p, c) for p, c in two if len(c) == 2]
+
+
+def teacher_pairs(teacher, two, min_margin=0.0):
+    """Pair records of (prompt, [a, b]) items, chosen first as the teacher orders them, with the teacher's
+    margin; ties, invalid judge answers and margins below min_margin are left out."""
+    pairs = []
+    for (p, (a, b)), m in zip(two, teacher_orders(teacher, two)):
+        if not math.isnan(m) and m != 0 and abs(m) >= min_margin:
+            c, r = (a, b) if m > 0 else (b, a)
+            pairs.append({"prompt": p, "chosen": c.text, "rejected": r.text, "chosen_finished": c.finished,
+                          "rejected_finished": r.finished, "margin": abs(m)})
+    return pairs
 
 
 def greedy_args(args):
@@ -658,13 +666,9 @@ def warmup_pairs(args, S):
 
     def block(idx):
         ps = [prompts[i] for i in idx]
-        groups = sample(S.policy, ps, 2, args, prompt_generators(args, 0, "warmup", idx))
-        return [(p, distinct_finished(g)[:2]) for p, g in zip(ps, groups)]
-    two = [x for part in train_loop.per_block(len(prompts), args.sample_batch, block, "warm-up samples") for x in part]
-    two = [(p, c) for p, c in two if len(c) == 2][:args.student_warmup]
-    pairs = [{**as_pair(p, c if m > 0 else c[::-1]), "margin": abs(m)} for (p, c), m in zip(two, teacher_orders(S.teacher, two))
-             if not math.isnan(m) and m != 0 and abs(m) >= args.min_margin]
-    return pairs, 2 * len(two)  # the teacher sees both responses of each pair
+        return first_two_distinct(ps, sample(S.policy, ps, 2, args, prompt_generators(args, 0, "warmup", idx)))
+    two = train_loop.per_item(len(prompts), args.sample_batch, block, "warm-up samples")[:args.student_warmup]
+    return teacher_pairs(S.teacher, two, args.min_margin), 2 * len(two)  # the teacher sees both of each pair
 
 
 # -----------------------------------------------------------------------------
