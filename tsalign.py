@@ -395,8 +395,8 @@ class Evaluator:
     """Win rate against the base policy, judged by the oracle (world), an independent --judge, or the
     teacher; and student-teacher agreement on a fixed held-out pair set built at round 0."""
 
-    def __init__(self, prompts, name, oracle=None, judge=None):
-        self.prompts, self.name, self.oracle, self.judge = prompts, name, oracle, judge
+    def __init__(self, name, oracle=None, judge=None):
+        self.name, self.oracle, self.judge = name, oracle, judge
 
     def outcomes(self, prompts, ours, base):
         """Per pair: 1 win, 0.5 tie, 0 loss (an invalid judge answer counts as a tie)."""
@@ -569,13 +569,13 @@ def setup(args):
     student = load_scorer(student_dir, args.student_format, device, reward_head=True)
     teacher = load_scorer(teacher_dir, args.teacher_format, device, judge=args.teacher_judge, min_mass=args.judge_min_mass)
     if world is not None:
-        evaluator = Evaluator(eval_prompts, "oracle", oracle=world.oracle)
+        evaluator = Evaluator("oracle", oracle=world.oracle)
     elif args.judge:  # a reward model scores; a causal LM is asked to compare
         is_lm = not is_reward_checkpoint(args.judge)
-        evaluator = Evaluator(eval_prompts, "judge", judge=load_scorer(args.judge, args.teacher_format, device,
-                                                                      judge=is_lm, min_mass=args.judge_min_mass))
+        evaluator = Evaluator("judge", judge=load_scorer(args.judge, args.teacher_format, device,
+                                                         judge=is_lm, min_mass=args.judge_min_mass))
     else:
-        evaluator = Evaluator(eval_prompts, "teacher", judge=teacher)
+        evaluator = Evaluator("teacher", judge=teacher)
     check_lengths(args, policy, [student, teacher], (train_prompts or []) + eval_prompts)
     return Setup(policy, student, teacher, policy_dir, train_prompts, eval_prompts, evaluator, world)
 
