@@ -130,21 +130,18 @@ def per_item(n, size, fn, desc=None):
     return [x for part in per_block(n, size, fn, desc) for x in part]
 
 
-def _any_rank(flag, device):
-    """Whether flag is true on any rank (a collective: every rank must call it)."""
-    if world_size() == 1:
-        return flag
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t)
-    return t.item() > 0
-
-
 def _sum_over_ranks(values, device):
+    """Each of a list of floats summed over the ranks (a collective: every rank must call it)."""
     if world_size() == 1:
         return values
     t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def _any_rank(flag, device):
+    """Whether flag is true on any rank (a collective: every rank must call it)."""
+    return _sum_over_ranks([float(flag)], device)[0] > 0
 
 
 # -----------------------------------------------------------------------------
@@ -177,8 +174,8 @@ def train(model, n_examples, loss_fn, tc):
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     W, R = world_size(), rank()
-    # The wrapper hooks an all-reduce of the gradients into backward. Our buffers (RoPE tables) never
-    # change, so they need not be re-broadcast before every forward.
+    # The wrapper hooks an all-reduce of the gradients into backward. Our models hold no buffers that
+    # change, so none need re-broadcasting before every forward.
     net = DistributedDataParallel(model, broadcast_buffers=False) if W > 1 else model
     opt = make_optimizer(params, tc)
     per_step = tc.batch_size * tc.grad_accum
