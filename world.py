@@ -15,8 +15,9 @@ Why this world shows what the paper claims (see ../shared/DEFAULT_WORLD.md for t
   Student-only selection lets the policy game the weak student; the teacher's verdict keeps it honest.
 
 The three models are ordinary Hugging Face checkpoints (LlamaForCausalLM, LlamaForSequenceClassification)
-with a `tokenizers` word-level tokenizer, cached under ~/.cache/tsalign/ keyed by this file's code and
-settings, and loaded back through model.load_model like any real checkpoint.
+with a `tokenizers` word-level tokenizer, cached under ~/.cache/tsalign/ keyed by the code that builds
+them (this file and the modules it trains with) and the settings, and loaded back through model.load_model
+like any real checkpoint.
 """
 import hashlib
 import json
@@ -153,10 +154,6 @@ def fresh_lm(sizes, tok, seed):
 # -----------------------------------------------------------------------------
 # Builders
 
-def _quiet(**kw):
-    return train_loop.TrainConfig(**kw, progress=True)
-
-
 def build_policy(tok, rng, examples, seed, lr, sizes, desc):
     """A causal LM trained with SFT on imperfect demonstrations."""
     lm = fresh_lm(sizes, tok, seed)
@@ -165,8 +162,8 @@ def build_policy(tok, rng, examples, seed, lr, sizes, desc):
         p = random_prompt(rng)
         ex.append((data.encode_prompt(tok, FORMAT, p),
                    tok.encode(demonstration(p, rng), add_special_tokens=False).ids + [tok.token_to_id("<eos>")]))
-    train_loop.train_sft(lm, ex, tok.token_to_id("<pad>"),
-                         _quiet(lr=lr, batch_size=256, warmup=0.05, weight_decay=0.01, seed=seed, desc=desc))
+    tc = train_loop.TrainConfig(lr=lr, batch_size=256, warmup=0.05, weight_decay=0.01, seed=seed, desc=desc)
+    train_loop.train_sft(lm, ex, tok.token_to_id("<pad>"), tc)
     return lm
 
 
@@ -195,8 +192,8 @@ def reward_rows(tok, pairs):
 
 def build_reward(lm, tok, pairs, lr, epochs, seed, desc):
     rm = model.add_reward_head(lm)
-    train_loop.train_reward(rm, reward_rows(tok, pairs), tok.token_to_id("<pad>"),
-                            _quiet(lr=lr, epochs=epochs, batch_size=64, seed=seed, desc=desc))
+    tc = train_loop.TrainConfig(lr=lr, epochs=epochs, batch_size=64, seed=seed, desc=desc)
+    train_loop.train_reward(rm, reward_rows(tok, pairs), tok.token_to_id("<pad>"), tc)
     return rm
 
 
