@@ -1,26 +1,52 @@
 """
-Text in, token ids out; token ids in, padded batches out.
+Text in, token ids out; token ids in, padded batches out; and the records a round passes along.
 
-This is the only file that turns text into token ids and lists of ids into tensors. Three models meet here:
-the policy, the student reward model and the teacher reward model, and each may have its own tokenizer and
-prompt format. So the policy trains on the exact token ids it sampled (policy_batch), while every reward
-model gets the *text* of a response and tokenises it with its own tokenizer and format (reward_batch).
+The policy, the student and the teacher may each have their own tokenizer and prompt format. So the
+policy trains on the exact token ids it sampled (policy_batch), while every reward model gets the *text*
+of a response and tokenises it with its own tokenizer and format (reward_ids). Masks are always built from
+lengths, never from `ids != pad_id`: many models use their EOS id as the pad id, and a mask built from ids
+would hide the final EOS from the loss and the reward head.
 
-Masks are always built from sequence lengths, never from `ids != pad_id`: many models use their EOS id as the
-pad id, and a mask built from ids would hide the final EOS from the loss and the reward head.
-
-Shape vocabulary: B batch (rows), T time (tokens per row, after padding).
+Shapes: B batch (rows), T time (tokens per row, after padding).
 """
 
 import json
+import random
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
-# -----------------------------------------------------------------------------
-# Tokenizer
+# ---- The two records of TS-Align: a sampled response, and a preference pair ----------------------
 
+@dataclass
+class Sample:
+    """One response the policy sampled."""
+    ids: list          # the policy's own token ids, its stop token included if it stopped
+    text: str          # decoded, stop token removed
+    finished: bool     # ended with a stop token (False: truncated at the length limit)
+
+
+@dataclass
+class Pair:
+    """A preference pair: for `prompt`, `chosen` is better than `rejected`. Mined pairs carry everything;
+    agreement and warm-up pairs have no token ids, the default world's oracle pairs no margin either.
+    As JSON (pairs.jsonl, base_eval.json) the fields keep this order and the absent (None) ones are left out."""
+    prompt: str
+    chosen: str
+    rejected: str
+    chosen_finished: bool = True
+    rejected_finished: bool = True
+    margin: float | None = None      # how much the decider (teacher, or student) prefers chosen
+    chosen_ids: list | None = None   # the policy's own token ids of each response (what DPO trains on)
+    rejected_ids: list | None = None
+
+    def to_json(self):
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+# ---- Tokenizer -----------------------------------------------------------------------------------
 
 def load_tokenizer(path):
     """A `tokenizers.Tokenizer` from a checkpoint folder (reads its tokenizer.json) or a tokenizer.json file."""
@@ -37,31 +63,19 @@ def load_tokenizer(path):
         raise ValueError(f"could not parse tokenizer file {file}: {first_line}") from None
 
 
-# -----------------------------------------------------------------------------
-# Prompt formats
+# ---- Prompt formats ------------------------------------------------------------------------------
 
-# name -> (template with {prompt}, special tokens the template writes out, end-of-turn token or None).
-# The end-of-turn token is what ends an assistant answer in this format; formats without one (None) end an
-# answer with the model's EOS. Callers add it to the model's stop ids when sampling.
+# name -> (template with {prompt}, special tokens it writes out, the token that ends an answer in this
+# format, or None: the model's EOS). Sampling adds that token to the model's stop ids.
 FORMATS = {
-    "chatml": (
-        "<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
-        ["<|im_start|>", "<|im_end|>"],
-        "<|im_end|>",
-    ),
-    "llama3": (
-        "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
-        "<|start_header_id|>assistant<|end_header_id|>\n\n",
-        ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
-        "<|eot_id|>",
-    ),
+    "chatml": ("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", ["<|im_start|>", "<|im_end|>"],
+               "<|im_end|>"),
+    "llama3": ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
+               "<|start_header_id|>assistant<|end_header_id|>\n\n",
+               ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
     # Stanford Alpaca's template for an instruction without an input field.
-    "alpaca": (
-        "Below is an instruction that describes a task. Write a response that appropriately completes the "
-        "request.\n\n### Instruction:\n{prompt}\n\n### Response:\n",
-        [],
-        None,
-    ),
+    "alpaca": ("Below is an instruction that describes a task. Write a response that appropriately completes the "
+               "request.\n\n### Instruction:\n{prompt}\n\n### Response:\n", [], None),
     # For base models. The newline keeps the answer from running on in the prompt's last line.
     "plain": ("{prompt}\n", [], None),
     # The embedded default world (world.py): digits to sort between its own BOS and separator tokens.
@@ -78,8 +92,7 @@ def _format(name):
 def format_prompt(name, prompt):
     """The prompt text as the model should see it, ending where the assistant's answer begins."""
     template, _, _ = _format(name)
-    # TODO: a prompt that itself contains special-token text (e.g. "<|im_end|>") is encoded as that special
-    # token. We do not escape it; prompt sets with such text are rare and would need per-tokenizer handling.
+    # TODO: special-token text inside a prompt (e.g. "<|im_end|>") is encoded as that token; not escaped.
     return template.replace("{prompt}", prompt)
 
 
@@ -106,17 +119,27 @@ def encode_prompt(tokenizer, name, prompt):
     return tokenizer.encode(format_prompt(name, prompt), add_special_tokens=False).ids
 
 
-# -----------------------------------------------------------------------------
-# Padding
+def end_id(tokenizer, fmt, model_config):
+    """The token a finished response ends with, for this model: its format's end of turn, else its EOS."""
+    end = FORMATS[fmt][2]
+    if end is not None:
+        return tokenizer.token_to_id(end)
+    if not model_config.stop_token_ids:
+        raise ValueError(f"{model_config.source}: config.json has no eos_token_id, and format {fmt!r} has no end token")
+    return model_config.stop_token_ids[0]
 
+
+def pad_id(model_config):
+    """The model's pad id: its own, else its first stop id (padding is masked, so any id would do)."""
+    return model_config.pad_token_id if model_config.pad_token_id is not None else (model_config.stop_token_ids or [0])[0]
+
+
+# ---- Padding -------------------------------------------------------------------------------------
 
 def pad(seqs, pad_id, side="right"):
     """Pad a list of int lists to one (B, T) long tensor of ids and a (B, T) long mask (1 on real tokens).
-
     The mask comes from each row's length, so a real token equal to pad_id (an EOS when pad == eos) keeps
-    mask 1. Left padding is what generation wants (all prompts end at the same column); right padding is
-    the usual choice for training and scoring.
-    """
+    mask 1."""
     if side not in ("left", "right"):
         raise ValueError(f"pad side must be 'left' or 'right', got {side!r}")
     if not seqs:
@@ -135,17 +158,11 @@ def pad(seqs, pad_id, side="right"):
     return ids, mask
 
 
-# -----------------------------------------------------------------------------
-# Policy batches: the policy's own token ids
-
+# ---- Policy batches: the policy's own token ids --------------------------------------------------
 
 def policy_batch(prompts, responses, pad_id, side="right"):
-    """Batch prompt + response ids (lists of int lists) for the policy's log-probs.
-
-    Returns a dict of (B, T) long tensors: input_ids, attention_mask, and response_mask, which is 1 exactly
-    on the response tokens and 0 on the prompt and the padding. No re-tokenisation happens here: the policy
-    is trained on the very ids it sampled.
-    """
+    """Batch prompt + response ids (lists of int lists, never re-tokenised) for the policy's log-probs: a
+    dict of (B, T) long tensors input_ids, attention_mask, and response_mask (1 exactly on the response)."""
     assert len(prompts) == len(responses), f"{len(prompts)} prompts but {len(responses)} responses"
     rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
     flags = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
@@ -154,26 +171,15 @@ def policy_batch(prompts, responses, pad_id, side="right"):
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
-# -----------------------------------------------------------------------------
-# Reward batches: each reward model formats and tokenises the text itself
-
+# ---- Reward batches: each reward model formats and tokenises the text itself ---------------------
 
 def response_text(tokenizer, ids, stop_ids):
-    """Decode a sampled response to (text, finished).
-
-    The response is cut at its first stop id, which is dropped; finished says whether there was one. For a
-    sampler that stops each row at its stop token this is the same as stripping a trailing stop id, and it
-    also copes with rows padded after the stop (pad == eos). Only the response ids are searched, never the
-    prompt, whose template may contain the same token. Special tokens are kept in the text
-    (skip_special_tokens=False) so that nothing the policy wrote silently disappears before scoring.
-    """
-    ids = list(ids)
-    stop_ids = set(stop_ids)
-    stop_at = next((i for i, t in enumerate(ids) if t in stop_ids), None)
-    finished = stop_at is not None
-    if finished:
-        ids = ids[:stop_at]
-    return tokenizer.decode(ids, skip_special_tokens=False), finished
+    """Decode a sampled response to (text, finished): cut at its first stop id, which is dropped; finished
+    says whether there was one. Only the response ids are searched, never the prompt, whose template may
+    hold the same token. Special tokens stay in the text, so nothing the policy wrote disappears unscored."""
+    stops = set(stop_ids)
+    stop_at = next((i for i, t in enumerate(ids) if t in stops), None)
+    return tokenizer.decode(list(ids)[:stop_at], skip_special_tokens=False), stop_at is not None
 
 
 def reward_ids(tokenizer, fmt, prompt, response, finished, eos_id):
@@ -182,22 +188,7 @@ def reward_ids(tokenizer, fmt, prompt, response, finished, eos_id):
     return row + [eos_id] if finished else row
 
 
-def reward_batch(tokenizer, fmt, prompts, responses, finished, eos_id, pad_id, side="right"):
-    """Batch (prompt text, response text) pairs for one reward model: (input_ids, attention_mask), (B, T).
-
-    Each row is the formatted prompt, then the response tokenised on its own, then this reward model's EOS
-    if the response finished. The prompt and the response are tokenised separately so the prompt part is
-    the same ids for every response to it (as when the policy generated it). A truncated response gets no
-    EOS, so a reward model can tell it from a finished one.
-    """
-    assert len(prompts) == len(responses) == len(finished), "prompts, responses and finished differ in length"
-    rows = [reward_ids(tokenizer, fmt, p, r, done, eos_id) for p, r, done in zip(prompts, responses, finished)]
-    return pad(rows, pad_id, side)  # (B, T), (B, T)
-
-
-# -----------------------------------------------------------------------------
-# Prompt files
-
+# ---- Prompt files --------------------------------------------------------------------------------
 
 def read_prompts(path):
     """Prompts from a .jsonl file ({"prompt": ...} per line) or a .txt file (one per line). Blank lines skip."""
@@ -232,3 +223,33 @@ def _jsonl_prompt(path, lineno, line):
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"{path} line {lineno}: \"prompt\" must be a non-empty string, got {prompt!r:.40}")
     return prompt
+
+
+def split_prompts(prompts, n_eval, seed, eval_prompts=None):
+    """(training prompts, held-out prompts): the given held-out ones, or a fixed, seeded share of prompts
+    (at most n_eval, at most a fifth). A held-out prompt never enters training."""
+    if eval_prompts is None:
+        shuffled = random.Random(seed).sample(prompts, len(prompts))
+        n = min(n_eval, len(shuffled) // 5)
+        if n < 1:
+            raise ValueError(f"{len(prompts)} prompts are too few to hold some out; give --eval-prompts")
+        eval_prompts, prompts = shuffled[:n], shuffled[n:]
+    held = set(eval_prompts)
+    train = [p for p in prompts if p not in held]
+    if not train:
+        raise ValueError("no training prompts are left once the held-out prompts are removed")
+    return train, eval_prompts
+
+
+def check_lengths(policy, scorers, prompts, max_new_tokens):
+    """A prompt that cannot fit with its response is an error now, not after an hour of work. policy and
+    scorers: objects with .tok, .fmt and a model (.lm or .m) with .config.max_positions."""
+    for i, p in enumerate(prompts):
+        n = len(encode_prompt(policy.tok, policy.fmt, p))
+        if n + max_new_tokens > policy.lm.config.max_positions:
+            raise ValueError(f"prompt {i} ({p[:40]!r}...) has {n} tokens: with --max-new-tokens {max_new_tokens} it "
+                             f"exceeds the policy's context of {policy.lm.config.max_positions}")
+        for s in scorers:
+            if not s.judge and len(encode_prompt(s.tok, s.fmt, p)) + max_new_tokens + 1 > s.m.config.max_positions:
+                raise ValueError(f"prompt {i} ({p[:40]!r}...) with --max-new-tokens {max_new_tokens} exceeds the "
+                                 f"context of {s.m.config.source}")

@@ -1,18 +1,15 @@
-"""The losses of TS-Align, as pure functions on tensors.
+"""The losses of TS-Align, as pure functions on tensors, one learning signal per model that learns:
 
-TS-Align has two learning signals, one per model that learns:
-
-- The student reward model learns to rank. The teacher says which of two responses is better (chosen,
-  rejected); the student is trained with a Bradley-Terry pairwise loss to give the chosen one the higher
-  score. See `ranking_loss`.
+- The student reward model learns to rank: given the teacher's (chosen, rejected), a Bradley-Terry
+  pairwise loss pushes the chosen one's score up (`ranking_loss`).
 - The policy learns from the same pairs with DPO: it raises the log-probability of the chosen response
-  relative to a frozen reference (the policy at the start of the round) and lowers that of the rejected one.
-  See `dpo_loss`, fed by `sequence_logprobs`; `sft_loss` is an optional auxiliary term.
+  relative to a frozen reference (the policy at the start of the round) and lowers that of the rejected one
+  (`dpo_loss`, fed by `sequence_logprobs`). `sft_loss` builds the default world's base policy, and is an
+  optional extra term of DPO.
 
-Nothing here touches a model: inputs are logits, labels, masks, log-probs and scores. Pairwise losses come
-back unreduced, (B,), with a dict of detached diagnostics; the caller takes the mean.
+Only torch is imported. Pairwise losses come back unreduced, (B,), with a dict of detached diagnostics.
 
-Shapes: B batch (pairs, or sequences), T time, V vocab, N selected positions (any leading shape).
+Shapes: B batch (pairs, or sequences), T time, V vocab, N selected positions.
 """
 
 import torch
@@ -20,53 +17,45 @@ import torch.nn.functional as F
 
 
 def token_logprobs(logits, labels):
-    """log p(labels) under softmax(logits), position by position; no shift.
-
-    logits (N, V) or any (..., V), of any float dtype; labels (N) or (...) long -> (N) or (...) float32.
-    The log-softmax runs in float32 so that bf16/fp16 logits do not lose the small differences that
-    log-probs are made of.
-    """
+    """log p(labels) under softmax(logits), position by position, no shift: (..., V), (...) -> (...) float32.
+    The log-softmax runs in float32, so bf16 logits keep the small differences log-probs are made of."""
     logp = F.log_softmax(logits.float(), dim=-1)  # (..., V)
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (...)
 
 
-def _shifted_token_logprobs(logits, labels, mask):
-    """Causal-LM alignment: logits[:, t] predicts labels[:, t + 1]. Returns (B, T-1) log-probs and mask."""
-    logp = token_logprobs(logits[:, :-1], labels[:, 1:])  # (B, T-1)
-    return logp, mask[:, 1:].to(logp.dtype)  # (B, T-1), (B, T-1)
-
-
 def sequence_logprobs(logits, labels, mask, average=False):
-    """log p(response | prompt): token log-probs summed over the response tokens only.
+    """log p(response | prompt) of each row, from the logits of its response positions only.
 
-    logits (B, T, V), labels (B, T), mask (B, T) -> (B,). mask is 1 on the response tokens of labels and 0 on
-    prompt and padding, so left or right padding both work. The first token of a row is never predicted, which
-    is fine: it is always prompt (or padding). With average=True the sum is divided by the number of response
-    tokens (a per-token mean, as IPO's paper uses); DPO's eq. 7 uses the sum, our default.
+    labels (B, T) token ids; mask (B, T), 1 exactly on the response tokens (so left or right padding both
+    work); logits (N, V), the model's output at the N positions that predict a response token, in row-major
+    order: position t predicts labels[:, t + 1]. From full logits (B, T, V) that is
+    `logits[:, :-1][mask[:, 1:].bool()]`; computing the output layer only there is what makes training
+    fast, as it is the largest matmul of a small model. -> (B,) float32.
+
+    Summed over the response tokens (DPO's eq. 7, our default), or with average=True divided by their
+    number: the per-token mean that the IPO paper (Azar et al. 2023) and TRL's IPO loss use.
     """
-    logp, m = _shifted_token_logprobs(logits, labels, mask)  # (B, T-1), (B, T-1)
-    total = (logp * m).sum(-1)  # (B,)
-    if average:
-        return total / m.sum(-1).clamp(min=1)
-    return total
+    sel = mask[:, 1:].bool()                           # (B, T-1): does position t predict a response token?
+    logp = token_logprobs(logits, labels[:, 1:][sel])  # (N,)
+    row = torch.arange(len(labels), device=labels.device)[:, None].expand_as(sel)[sel]  # (N,) each one's row
+    total = torch.zeros(len(labels), device=logp.device, dtype=logp.dtype).index_add(0, row, logp)  # (B,)
+    return total / sel.sum(1).clamp(min=1) if average else total
 
 
-def ranking_loss(r_chosen, r_rejected, margin=0.0, center_coef=0.0):
-    """Bradley-Terry pairwise ranking loss for the student reward model (Ouyang et al. 2022, eq. 1).
+def ranking_loss(r_chosen, r_rejected, margin=0.0):
+    """Pairwise ranking loss for the student reward model: Bradley-Terry (Ouyang et al. 2022, eq. 1), with
+    the margin of a margin ranking loss (the loss the paper names for its student):
 
-        loss = -log sigmoid(r_c - r_r - m) + center_coef * (r_c + r_r)^2
+        loss = -log sigmoid(r_c - r_r - m)
 
-    r_chosen, r_rejected (B,) scores; margin m a float or (B,) tensor (e.g. the teacher's score gap): the
-    chosen score must beat the rejected one by at least m before the loss stops pushing. The centering term
-    keeps the scores near zero, since the pairwise term only sees differences and lets them drift.
+    r_chosen, r_rejected (B,) scores; margin m >= 0 (`--student-margin`, default 0, plain Bradley-Terry):
+    the chosen score must beat the rejected one by about m before the loss stops pushing.
     Returns losses (B,) and detached metrics: accuracy (share of pairs ranked right) and mean margin.
     """
-    if center_coef < 0:
-        raise ValueError(f"center_coef must be >= 0, got {center_coef}")
+    if margin < 0:
+        raise ValueError(f"margin must be >= 0, got {margin}")
     diff = r_chosen - r_rejected  # (B,)
     losses = -F.logsigmoid(diff - margin)
-    if center_coef > 0:
-        losses = losses + center_coef * (r_chosen + r_rejected) ** 2
     d = diff.detach().float()
     metrics = {"accuracy": (d > 0).float().mean(), "margin": d.mean()}
     return losses, metrics
@@ -103,8 +92,8 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
         eps = label_smoothing
         losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
     else:
-        # IPO in the sum-of-log-probs form: h is built from summed sequence log-probs. The IPO paper averages
-        # log-probs per token; we do not (pass average=True to sequence_logprobs for that).
+        # With summed log-probs by default; the IPO paper averages them per token (sequence_logprobs'
+        # average=True, `--average-logprobs`).
         losses = (h - 1 / (2 * beta)) ** 2
 
     r_c = beta * h_chosen.detach().float()  # (B,) implicit rewards
@@ -118,16 +107,7 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
     return losses, metrics
 
 
-def sft_loss_from_logprobs(token_logps, mask):
-    """Mean negative log-likelihood per masked token over the whole batch: token_logps, mask (B, N) -> ()."""
-    m = mask.to(token_logps.dtype)
-    return -(token_logps * m).sum() / m.sum().clamp(min=1)
-
-
-def sft_loss(logits, labels, mask):
-    """Supervised fine-tuning loss: the mean NLL per response token, pooled over the batch, not per row.
-
-    logits (B, T, V), labels (B, T), mask (B, T) with the shift of `sequence_logprobs` -> scalar. Every
-    response token weighs the same, so long responses count for more than short ones.
-    """
-    return sft_loss_from_logprobs(*_shifted_token_logprobs(logits, labels, mask))
+def sft_loss(logps, n_tokens):
+    """Supervised fine-tuning: the mean negative log-likelihood per response token pooled over the batch (every
+    token weighs the same), from summed sequence log-probs (B,) and their token counts (B,) -> scalar."""
+    return -logps.sum() / n_tokens.sum().clamp(min=1)

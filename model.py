@@ -1,48 +1,26 @@
 """
-The model: one hand-written decoder-only transformer that loads Hugging Face checkpoints.
+The model: one hand-written decoder-only transformer for Hugging Face checkpoints' weights.
 
 Five families share one code path, told apart by a few switches in `ModelConfig`:
   Llama (2/3, TinyLlama, SmolLM/SmolLM2) and Mistral: RMSNorm, RoPE, SwiGLU MLP, grouped-query attention
   Qwen2/Qwen2.5: the same, plus biases on the q/k/v projections
   Qwen3:         the same, plus an RMSNorm on each head of q and k (before RoPE)
-  GPT-2:         LayerNorm, learned positions, GELU MLP, one fused q/k/v Conv1D (split on load)
-
-A causal LM (`CausalLM`) ends in the output layer; a reward model (`RewardModel`) ends in a scalar
-`score` head read at the last real token of each sequence. Both sit on the same `Decoder`.
-
-Positions always come from the attention mask, so a left-padded row gives exactly what the
-sequence gives alone. Batched sampling uses a preallocated KV cache (`generate`).
+  GPT-2:         LayerNorm, learned positions, GELU MLP (its fused q/k/v is split on load)
+A causal LM (`CausalLM`) ends in the output layer, a reward model (`RewardModel`) in a scalar head read at
+the last real token. Positions come from the attention mask, so a left-padded row gives exactly what the
+sequence gives alone. The KV cache serves generate.py; checkpoint.py loads and saves; LoRA is at the end.
 
 Shapes: B batch, T time (new tokens this call), S cache slots (keys), H query heads,
 Hkv key/value heads, D head dim, C model dim, V vocab, K samples per prompt.
 """
-import json
 import math
-import os
-import shutil
 from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-# -----------------------------------------------------------------------------
-# Config: read from the checkpoint's config.json, never guessed
-
-# architectures entry -> (family, is a reward model). A reward model is a *ForSequenceClassification
-# checkpoint with one label: its `score` head gives one scalar per sequence.
-ARCHITECTURES = {
-    "LlamaForCausalLM": ("llama", False), "LlamaForSequenceClassification": ("llama", True),
-    "MistralForCausalLM": ("mistral", False), "MistralForSequenceClassification": ("mistral", True),
-    "Qwen2ForCausalLM": ("qwen2", False), "Qwen2ForSequenceClassification": ("qwen2", True),
-    "Qwen3ForCausalLM": ("qwen3", False), "Qwen3ForSequenceClassification": ("qwen3", True),
-    "GPT2LMHeadModel": ("gpt2", False), "GPT2ForSequenceClassification": ("gpt2", True),
-}
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "gelu_fast": "gelu_tanh", "gelu": "gelu"}
-
+# ---- Config: built from a checkpoint's config.json by checkpoint.config_from_hf, never guessed ----
 
 @dataclass
 class ModelConfig:
@@ -74,81 +52,11 @@ class ModelConfig:
     source: str | None = None     # the folder it was loaded from (tokenizer files are copied from it)
 
 
-def _as_list(x):
-    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+# ---- Building blocks -----------------------------------------------------------------------------
 
-
-def config_from_hf(hf, generation=None, source=None):
-    """Build our config from a config.json dict (transformers 4.x or 5.x layout) and generation_config.json."""
-    archs = hf.get("architectures") or []
-    arch = next((a for a in archs if a in ARCHITECTURES), None)
-    if arch is None:
-        raise ValueError(f"unsupported architectures {archs} in config.json; supported: {', '.join(ARCHITECTURES)}")
-    family, reward = ARCHITECTURES[arch]
-    if reward:
-        n_labels = hf.get("num_labels", len(hf.get("id2label") or {"0": 0}))
-        if n_labels != 1:
-            raise ValueError(f"{arch} with {n_labels} labels is not a reward model; expected num_labels 1")
-    # Stop ids: config.json's eos_token_id, plus generation_config.json's (instruct models such as
-    # Llama-3 and Qwen2.5 keep their end-of-turn id only there).
-    stops = []
-    for x in _as_list(hf.get("eos_token_id")) + _as_list((generation or {}).get("eos_token_id")):
-        if x not in stops:
-            stops.append(x)
-    common = dict(arch=arch, family=family, reward=reward, vocab_size=hf["vocab_size"], stop_token_ids=stops,
-                  bos_token_id=hf.get("bos_token_id"), pad_token_id=hf.get("pad_token_id"), hf=hf, source=source)
-    if family == "gpt2":
-        C = hf["n_embd"]
-        return ModelConfig(**common, n_layer=hf["n_layer"], n_head=hf["n_head"], n_kv_head=hf["n_head"],
-                           n_embd=C, head_dim=C // hf["n_head"], n_inner=hf.get("n_inner") or 4 * C,
-                           max_positions=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-                           act=_activation(hf.get("activation_function", "gelu_new")), gpt2=True,
-                           qkv_bias=True, o_bias=True, mlp_bias=True,
-                           tie_embeddings=hf.get("tie_word_embeddings", True))
-    C, H = hf["hidden_size"], hf["num_attention_heads"]
-    # RoPE: transformers 5.x writes rope_parameters {rope_type, rope_theta, ...}; 4.x writes rope_theta at
-    # the top level and rope_scaling {type or rope_type, ...} (or null).
-    rope = dict(hf.get("rope_parameters") or {})
-    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = rope or dict(hf.get("rope_scaling") or {})
-    kind = scaling.get("rope_type", scaling.get("type", "default"))
-    if kind not in ("default", "linear", "llama3"):
-        raise ValueError(f"unsupported rope type {kind!r} in config.json; supported: default, linear, llama3")
-    max_pos = hf.get("max_position_embeddings", 2048)
-    # Sliding-window attention is not implemented, so a model that uses it may only see sequences that
-    # fit in one window, where it is exactly full attention.
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", family == "mistral") else None
-    if window:
-        max_pos = min(max_pos, window)
-    attn_bias = hf.get("attention_bias", False)
-    return ModelConfig(**common, n_layer=hf["num_hidden_layers"], n_head=H,
-                       n_kv_head=hf.get("num_key_value_heads") or H, n_embd=C,
-                       head_dim=hf.get("head_dim") or C // H, n_inner=hf["intermediate_size"],
-                       max_positions=max_pos, norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       act=_activation(hf.get("hidden_act", "silu")),
-                       qkv_bias=True if family == "qwen2" else attn_bias,
-                       o_bias=False if family == "qwen2" else attn_bias,
-                       mlp_bias=hf.get("mlp_bias", False), qk_norm=family == "qwen3",
-                       tie_embeddings=hf.get("tie_word_embeddings", False), rope_theta=float(theta),
-                       rope_scaling=None if kind == "default" else {**scaling, "rope_type": kind})
-
-
-def _activation(name):
-    if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {name!r} in config.json; supported: {', '.join(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
-
-
-# -----------------------------------------------------------------------------
-# Building blocks
-
-# Decoding multiplies a few rows (one per sequence) by each weight. For that, MKL's kernels are far from
-# the memory bandwidth when called the way F.linear calls them (x W^T): on our 2-core AMD EPYC, asking for
-# the transposed product W x^T instead was 1.2-2x faster from 2 to 256 rows (the output layer 1.7x at 64
-# rows). A single row goes to MKL's matrix-vector kernel, which runs on one core; giving it two equal
-# rows instead takes the matrix kernel on both cores, 1.2-1.5x faster for the larger weights. From a few
-# hundred rows on (prefill, training) neither form wins consistently, so those keep F.linear.
-# No weight is copied or re-laid out, so nothing can go stale after a weight update.
+# Decoding multiplies a few rows by each weight: on a 2-core AMD EPYC, W x^T was 1.2-2x faster than F.linear's
+# x W^T from 2 to 256 rows, and one row passed as two took MKL's matrix kernel on both cores. No weight is
+# copied, so nothing can go stale after an update.
 FEW_ROWS = 256
 
 
@@ -225,9 +133,8 @@ def rope_cos_sin(cfg, pos, dtype):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, H, T, D) by its positions: (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). Rolling
-    by D/2 swaps the halves, and the signed sin supplies the minus: bit for bit the reference's
-    x * cos + cat(-x2, x1) * sin, in three ops instead of six (they add up at batch 1)."""
+    """Rotate x (B, H, T, D): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). A roll by D/2 swaps the halves
+    and the signed sin gives the minus: bit for bit x * cos + cat(-x2, x1) * sin, in three ops, not six."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
@@ -294,14 +201,12 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
-# -----------------------------------------------------------------------------
-# The decoder, the two heads, and the KV cache
+# ---- The decoder, the two heads, and the KV cache ------------------------------------------------
 
 class KVCache:
-    """Preallocated keys and values for every layer, (B, Hkv, S, D) each, written by slot index.
-
-    All rows share the slot index (prompts are left-padded to one length); `valid` marks which slots
-    hold real tokens and `next_pos` is each row's next position (its count of real tokens so far)."""
+    """Preallocated keys and values for every layer, (B, Hkv, S, D) each, written by slot index. All rows
+    share the slot index (prompts are left-padded to one length); `valid` marks the slots holding real
+    tokens, and `next_pos` is each row's next position (its count of real tokens so far)."""
 
     def __init__(self, cfg, B, S, device, dtype):
         shape = (cfg.n_layer, B, cfg.n_kv_head, S, cfg.head_dim)
@@ -325,10 +230,8 @@ class KVCache:
 
 
 def attention_mask_4d(valid, T):
-    """Which key slots each of the last T query slots may attend to: (B, 1, T, S) bool.
-
-    A query sees real keys at or before its own slot. It also always sees itself, so a padding query
-    (which has no real key) gets a harmless row instead of NaN; no real token ever attends to padding."""
+    """Which key slots each of the last T query slots may attend to, (B, 1, T, S) bool: real keys at or
+    before its own slot, and always itself, so a padding query gets a harmless row instead of NaN."""
     B, S = valid.shape
     q_slot = torch.arange(S - T, S, device=valid.device)[:, None]  # (T, 1)
     k_slot = torch.arange(S, device=valid.device)[None, :]         # (1, S)
@@ -395,9 +298,8 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)  # (..., C) -> (..., V)
 
     def forward(self, input_ids, attention_mask=None, select=None):
-        """Logits (B, T, V); with select, a (B, T) bool mask, only at the selected positions, (N, V):
-        the output layer is the largest matmul of a small model, and training needs it only where a
-        response token is predicted."""
+        """Logits (B, T, V); with select, a (B, T) bool mask, only at the selected positions, (N, V): the
+        output layer is the largest matmul of a small model, and training needs it only at response tokens."""
         h = self.hidden_states(input_ids, attention_mask)  # (B, T, C)
         return self.logits(h if select is None else h[select])
 
@@ -436,203 +338,7 @@ def add_reward_head(lm):
     return rm
 
 
-# -----------------------------------------------------------------------------
-# Checkpoint names: one table from our parameter names to Hugging Face's
-
-def name_table(cfg):
-    """Our parameter name -> (Hugging Face name, how). how: None (copy), "T" (GPT-2's Conv1D stores
-    weights transposed), or ("qkv", j) (slice j of GPT-2's fused c_attn, transposed)."""
-    t = {}
-    if cfg.gpt2:
-        t["decoder.tok_emb.weight"] = ("transformer.wte.weight", None)
-        t["decoder.pos_emb.weight"] = ("transformer.wpe.weight", None)
-        t["decoder.norm.weight"] = ("transformer.ln_f.weight", None)
-        t["decoder.norm.bias"] = ("transformer.ln_f.bias", None)
-        for i in range(cfg.n_layer):
-            ours, hf = f"decoder.blocks.{i}.", f"transformer.h.{i}."
-            for j, n in enumerate("qkv"):
-                t[ours + f"attn.{n}.weight"] = (hf + "attn.c_attn.weight", ("qkv", j))
-                t[ours + f"attn.{n}.bias"] = (hf + "attn.c_attn.bias", ("qkv", j))
-            for o, h, how in [("attn_norm", "ln_1", None), ("mlp_norm", "ln_2", None), ("attn.o", "attn.c_proj", "T"),
-                              ("mlp.up", "mlp.c_fc", "T"), ("mlp.down", "mlp.c_proj", "T")]:
-                t[ours + o + ".weight"] = (hf + h + ".weight", how)
-                t[ours + o + ".bias"] = (hf + h + ".bias", None)
-    else:
-        t["decoder.tok_emb.weight"] = ("model.embed_tokens.weight", None)
-        t["decoder.norm.weight"] = ("model.norm.weight", None)
-        for i in range(cfg.n_layer):
-            ours, hf = f"decoder.blocks.{i}.", f"model.layers.{i}."
-            pairs = [("attn_norm.weight", "input_layernorm.weight"), ("mlp_norm.weight", "post_attention_layernorm.weight"),
-                     ("attn.q_norm.weight", "self_attn.q_norm.weight"), ("attn.k_norm.weight", "self_attn.k_norm.weight")]
-            for o, h in [("attn.q", "self_attn.q_proj"), ("attn.k", "self_attn.k_proj"), ("attn.v", "self_attn.v_proj"),
-                         ("attn.o", "self_attn.o_proj"), ("mlp.gate", "mlp.gate_proj"), ("mlp.up", "mlp.up_proj"),
-                         ("mlp.down", "mlp.down_proj")]:
-                pairs += [(o + ".weight", h + ".weight"), (o + ".bias", h + ".bias")]
-            for o, h in pairs:
-                t[ours + o] = (hf + h, None)
-    t["lm_head.weight"] = ("lm_head.weight", None)
-    t["score.weight"] = ("score.weight", None)
-    return t
-
-
-def own_params(m):
-    """Our model's weights by name (LoRA adapters excluded; a tied output layer appears once)."""
-    sd = m.state_dict()
-    if getattr(m.config, "tie_embeddings", False) and not m.config.reward:
-        sd.pop("lm_head.weight")
-    return {k: v for k, v in sd.items() if ".lora_" not in k}
-
-
-# Saved by some transformers versions, but not weights: GPT-2's causal-mask buffers, cached RoPE tables.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
-
-
-# -----------------------------------------------------------------------------
-# Loading
-
-def _read_json(path, what):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
-
-
-def _weight_files(path):
-    """Hugging Face name -> the safetensors file holding it (one file, or shards listed by an index)."""
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.exists(index):
-        files = {k: os.path.join(path, f) for k, f in _read_json(index, "weight index")["weight_map"].items()}
-        for f in set(files.values()):
-            if not os.path.exists(f):
-                raise FileNotFoundError(f"weight shard {f} listed in {index} does not exist")
-        return files
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    with safe_open(single, framework="pt") as f:
-        return {k: single for k in f.keys()}
-
-
-def default_dtype(hf, device):
-    """float32 on CPU (bf16 matmuls are hundreds of times slower there); the checkpoint's dtype elsewhere."""
-    if device.type == "cpu":
-        return torch.float32
-    name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    return getattr(torch, name)
-
-
-def load_model(path, device=None, dtype=None):
-    """Load a Hugging Face checkpoint folder as a CausalLM or a RewardModel (eval mode)."""
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
-    if not os.path.exists(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"no config.json in {path}: not a Hugging Face checkpoint folder")
-    hf = _read_json(os.path.join(path, "config.json"), "config")
-    gen_path = os.path.join(path, "generation_config.json")
-    gen = _read_json(gen_path, "generation config") if os.path.exists(gen_path) else None
-    try:
-        cfg = config_from_hf(hf, gen, source=os.path.abspath(path))
-    except KeyError as e:
-        raise ValueError(f"config.json in {path} lacks the key {e.args[0]!r}") from None
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = dtype or default_dtype(hf, device)
-    with torch.device("meta"):  # no time spent on a random init that the checkpoint overwrites
-        model = (RewardModel if cfg.reward else CausalLM)(cfg)
-    model = model.to_empty(device=device).to(dtype)
-    if not cfg.reward:
-        model.tie_weights()  # to_empty makes a fresh tensor per module, so tie again
-    load_weights(model, path)
-    return model.eval()
-
-
-def load_weights(model, path):
-    """Copy every weight from the checkpoint into model; any missing, unexpected or mis-shaped tensor is an error."""
-    files = _weight_files(path)
-    table = name_table(model.config)
-    ours = own_params(model)
-    used = set()
-    handles = {}
-
-    def read(name):
-        f = files[name]
-        if f not in handles:
-            handles[f] = safe_open(f, framework="pt")
-        try:
-            return handles[f].get_tensor(name)
-        except Exception:  # an index that names a tensor its shard does not hold
-            raise ValueError(f"{f} does not contain tensor {name!r}") from None
-
-    with torch.no_grad():
-        for name, param in ours.items():
-            hf_name, how = table[name]
-            if hf_name not in files:
-                raise ValueError(f"checkpoint {path} is missing tensor {hf_name!r} (for {name})")
-            w = read(hf_name)
-            if how == "T":
-                w = w.t()
-            elif how is not None:  # ("qkv", j): GPT-2 fuses q, k, v along the output dim of a Conv1D
-                w = w.chunk(3, dim=-1)[how[1]]
-                w = w.t() if w.dim() == 2 else w
-            if tuple(w.shape) != tuple(param.shape):
-                raise ValueError(f"tensor {hf_name!r} in {path} has shape {tuple(w.shape)}, expected {tuple(param.shape)}")
-            param.copy_(w)
-            used.add(hf_name)
-    skip = {"lm_head.weight"} if model.config.tie_embeddings else set()
-    unexpected = [k for k in files if k not in used and k not in skip and not k.endswith(IGNORED_SUFFIXES)]
-    if unexpected:
-        raise ValueError(f"checkpoint {path} has tensors this {model.config.arch} does not use: {unexpected[:5]}")
-
-
-# -----------------------------------------------------------------------------
-# Saving, in the same Hugging Face format
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
-
-
-def hf_state_dict(model):
-    """Our weights under Hugging Face names, LoRA merged in, in the model's dtype."""
-    table = name_table(model.config)
-    out, qkv = {}, {}
-    for name, w in own_params(model).items():
-        w = merged_weight(model.get_submodule(name.rsplit(".", 1)[0]), name, w).detach()
-        hf_name, how = table[name]
-        if how == "T":
-            out[hf_name] = w.t()
-        elif how is not None:
-            qkv.setdefault(hf_name, [None] * 3)[how[1]] = w.t() if w.dim() == 2 else w
-        else:
-            out[hf_name] = w
-    for hf_name, parts in qkv.items():
-        out[hf_name] = torch.cat(parts, dim=-1)
-    return {k: v.contiguous().cpu() for k, v in out.items()}
-
-
-def save_model(model, path):
-    """Write config.json, model.safetensors and the source checkpoint's tokenizer files into path."""
-    cfg = model.config
-    os.makedirs(path, exist_ok=True)
-    dtype = next(model.parameters()).dtype
-    hf = dict(cfg.hf)
-    hf["architectures"] = [cfg.arch]
-    hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = str(dtype).removeprefix("torch.")
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-    # Old weights in the folder (a sharded checkpoint's index and shards) would shadow the new file on load.
-    for name in os.listdir(path):
-        if name == "model.safetensors.index.json" or (name.startswith("model-") and name.endswith(".safetensors")):
-            os.remove(os.path.join(path, name))
-    save_file(hf_state_dict(model), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    if cfg.source and os.path.abspath(cfg.source) != os.path.abspath(path):
-        for name in TOKENIZER_FILES:
-            src = os.path.join(cfg.source, name)
-            if os.path.exists(src):
-                shutil.copyfile(src, os.path.join(path, name))
-
-
-# -----------------------------------------------------------------------------
-# LoRA: low-rank adapters on the attention and MLP projections (Hu et al. 2021)
+# ---- LoRA: low-rank adapters on the attention and MLP projections (Hu et al. 2021) ---------------
 
 LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 
@@ -675,155 +381,3 @@ def merge_lora(model):
                 lin.lora_a = lin.lora_b = None
     model.requires_grad_(True)
     return model
-
-
-# -----------------------------------------------------------------------------
-# Sampling: a small pipeline on the last position's logits, and a batched loop with a KV cache
-
-NUCLEUS_TRIES = 3  # top-p draws from the full distribution before a row falls back to a sort
-
-
-def random_numbers(top_p):
-    """How many random numbers a row's draw takes: one, or with top-p one per try plus the fallback's."""
-    return 1 if top_p is None or top_p >= 1 else NUCLEUS_TRIES + 1
-
-
-def sample_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None, u=None):
-    """logits (B, V) -> next token ids (B,). Temperature 0 is argmax; otherwise temperature, then
-    top-k, then top-p (the smallest set of most probable tokens whose probability reaches top_p; Holtzman
-    et al. 2020), then a draw. u: the draw's random numbers in (0, 1], (B, random_numbers(top_p)); None
-    draws them from generator."""
-    if temperature == 0:
-        return logits.argmax(-1)
-    logits = logits.float()
-    if temperature != 1.0:
-        logits = logits / temperature
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = logits.topk(top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(-1)  # (B, V)
-    cdf = probs.cumsum(-1)      # (B, V)
-    if u is None:
-        u = 1.0 - torch.rand(len(probs), random_numbers(top_p), generator=generator, device=probs.device)
-    u = u.to(cdf)
-    tok = draw(cdf, u[:, 0])    # (B,)
-    if top_p is None or top_p >= 1:
-        return tok
-    return nucleus(probs, cdf, tok, u, top_p)
-
-
-def draw(cdf, u):
-    """Inverse-CDF draw: the first token whose cumulative probability reaches u * total, (B,). With u in
-    (0, 1], a token of probability zero is never drawn. One random number per row: torch.multinomial
-    draws one per vocabulary entry (90-120 ms a step for 64 rows of 49152 here)."""
-    return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).squeeze(-1)
-
-
-def in_nucleus(probs, tok, top_p):
-    """Whether each row's token (B,) is in its top-p nucleus: the tokens ranked before it (more probable,
-    or as probable with a lower id, as a stable sort ranks them) hold less than top_p of the mass."""
-    p = probs.gather(-1, tok[:, None])  # (B, 1)
-    ids = torch.arange(probs.shape[-1], device=probs.device)
-    before = (probs > p) | ((probs == p) & (ids < tok[:, None]))  # (B, V)
-    return torch.where(before, probs, 0.0).sum(-1) < top_p  # (B,)
-
-
-def nucleus(probs, cdf, tok, u, top_p):
-    """Top-p sampling without sorting the vocabulary (a sort of 64 x 49152 took ~150 ms a step here).
-
-    Rejection sampling: draw from the full distribution and keep the draw if it is in the nucleus, else
-    draw again; a kept draw follows the nucleus distribution exactly, and each try is kept with
-    probability >= top_p. Rows still rejected after NUCLEUS_TRIES draw from the sorted nucleus with their
-    last random number, which keeps the result exact."""
-    tok, todo = tok.clone(), ~in_nucleus(probs, tok, top_p)  # (B,), (B,)
-    for r in range(1, NUCLEUS_TRIES):
-        rows = todo.nonzero().squeeze(-1)
-        if len(rows) == 0:
-            return tok
-        t = draw(cdf[rows], u[rows, r])
-        ok = in_nucleus(probs[rows], t, top_p)
-        tok[rows[ok]] = t[ok]
-        todo[rows[ok]] = False
-    rows = todo.nonzero().squeeze(-1)
-    if len(rows):
-        p, order = probs[rows].sort(dim=-1, descending=True, stable=True)  # (R, V)
-        c = p.cumsum(-1)
-        kept = (c - p < top_p) & (p > 0)  # the mass before a token is below top_p
-        tok[rows] = order.gather(-1, draw((p * kept).cumsum(-1), u[rows, -1])[:, None]).squeeze(-1)
-    return tok
-
-
-def _check_sampling(prompts, max_new_tokens, temperature, top_k, top_p, num_samples, max_positions):
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs a non-empty list of non-empty prompts (lists of token ids)")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > max_positions:
-        raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                         f"context of {max_positions} positions")
-
-
-@torch.no_grad()
-def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
-             generator=None, return_logprobs=False, num_samples=1):
-    """Sample continuations of many prompts (lists of token ids, any lengths) in one batch.
-
-    Returns the new token ids of each sequence (len(prompts) * num_samples lists, prompt-major: prompt
-    i's samples at i*K .. i*K+K-1), each ending with its stop token if it stopped on one (so a list
-    whose last id is not a stop id was truncated at max_new_tokens). With return_logprobs, also each
-    new token's log-prob under the model (temperature 1, before top-k/top-p). eos_token_id: an id, a
-    list of ids (e.g. lm.config.stop_token_ids) or None (never stop).
-
-    generator: one torch.Generator for the whole batch, or a list with one CPU generator per prompt. With
-    a list, each prompt's random numbers come from its own stream, drawn up front, so its samples do not
-    depend on which other prompts share the batch (or, under torchrun, on which process samples it)."""
-    cfg = lm.config
-    _check_sampling(prompts, max_new_tokens, temperature, top_k, top_p, num_samples, cfg.max_positions)
-    per_prompt = isinstance(generator, (list, tuple))
-    if per_prompt and len(generator) != len(prompts):
-        raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts; give one per prompt")
-    stops = torch.tensor(_as_list(eos_token_id), dtype=torch.long)
-    device = next(lm.parameters()).device
-    # Left-pad the prompts to one length, so every row's next token lands in the same cache slot.
-    Tp = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), Tp, dtype=torch.long)
-    mask = torch.zeros(len(prompts), Tp, dtype=torch.long)
-    for i, p in enumerate(prompts):
-        ids[i, Tp - len(p):] = torch.tensor(p)
-        mask[i, Tp - len(p):] = 1
-    ids, mask, stops = ids.to(device), mask.to(device), stops.to(device)
-    cache = KVCache(cfg, len(prompts), Tp + max_new_tokens, device, next(lm.parameters()).dtype)
-    logits = lm.logits(lm.decoder(ids, mask, cache)[:, -1])  # (B, V): the output layer on the last slot only
-    if num_samples > 1:  # one prefill per prompt, then K rows of it
-        cache.repeat_rows(num_samples)
-        logits = logits.repeat_interleave(num_samples, 0)
-    N = logits.shape[0]
-    tokens = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
-    logps = torch.zeros(N, max_new_tokens, device=device)
-    length = torch.zeros(N, dtype=torch.long, device=device)  # new tokens kept per row
-    done = torch.zeros(N, dtype=torch.bool, device=device)
-    ones = torch.ones(N, 1, dtype=torch.long, device=device)
-    u = None
-    if per_prompt and temperature > 0:  # (N, max_new_tokens, n): row i*K+k is sample k of prompt i
-        n = random_numbers(top_p)
-        u = 1.0 - torch.cat([torch.rand(num_samples, max_new_tokens, n, generator=g) for g in generator]).to(device)
-    for t in range(max_new_tokens):
-        nxt = sample_token(logits, temperature, top_k, top_p, generator, None if u is None else u[:, t])  # (N,)
-        tokens[:, t] = nxt
-        if return_logprobs:
-            logps[:, t] = logits.float().log_softmax(-1).gather(-1, nxt[:, None]).squeeze(-1)
-        length += (~done).long()
-        done |= torch.isin(nxt, stops)
-        if bool(done.all()) or t == max_new_tokens - 1:
-            break
-        logits = lm.logits(lm.decoder(nxt[:, None], ones, cache)[:, -1])  # (N, V)
-    length = length.tolist()
-    out = [tokens[i, :length[i]].tolist() for i in range(N)]
-    if return_logprobs:
-        return out, [logps[i, :length[i]].tolist() for i in range(N)]
-    return out

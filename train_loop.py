@@ -1,25 +1,21 @@
 """
 One plain training loop, and the three ways TS-Align uses it.
 
-  train_reward  the student (or a teacher) learns to rank with the pairwise loss: its score of the
-                chosen response should beat that of the rejected one
+  train_reward  the student (or a teacher) learns to rank with the pairwise loss
   train_dpo     the policy learns from the same pairs with DPO; the reference log-probs are computed
                 once, before the first update, in a no-grad pass, so no reference model stays in memory
   train_sft     a causal LM imitates responses (how the default world builds its base policy)
 
-The loop itself (`train`) is AdamW, linear warm-up then cosine or constant learning rate, gradient
-clipping and accumulation, a tqdm bar, and a guard that refuses to apply a non-finite update. Each
-function returns the mean of its metrics over the final epoch.
-
-Under torchrun the same loop is data-parallel: each process takes its share of every batch and
-DistributedDataParallel sums the gradients, so W processes take the very steps that one would.
-
-Everything here works on token ids: turning text into ids, and ids into padded batches, is data.py's job.
+The loop (`train`) is AdamW, linear warm-up then a cosine or constant learning rate, gradient clipping and
+accumulation, a tqdm bar, and a guard that refuses a non-finite update; each trainer returns the mean of
+its metrics over the final epoch. Under torchrun it is data-parallel, and W processes take the very steps
+that one would. Everything here works on token ids (data.py makes them).
 Shapes: B batch, T time, C model dim, V vocab, N response positions in a batch.
 """
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -55,16 +51,11 @@ class NonFiniteError(FloatingPointError):
     pass
 
 
-# -----------------------------------------------------------------------------
-# Data parallel: what changes when torchrun starts W processes
-#
-# torchrun starts one process per device and tells each its RANK, the WORLD_SIZE and its LOCAL_RANK (the
-# device on its machine). Every process holds all the models. Work is split in two ways:
-#   blocks     a list of work (prompts, pairs) is cut into fixed blocks, and rank r computes blocks
-#              r, r+W, r+2W, ...; a block is computed exactly as one process computes it, then every
-#              rank gets every block's result, so the outcome does not depend on W;
-#   gradients  each rank takes its share of every batch; DistributedDataParallel all-reduces the
-#              gradients during backward, and every rank takes the same optimizer step.
+# ---- Data parallel: what changes when torchrun starts W processes --------------------------------
+# torchrun starts one process per device with its RANK, the WORLD_SIZE and its LOCAL_RANK (its device on the
+# machine). Every process holds all the models, and work is split two ways: blocks of a list of work go to
+# the ranks in turn and every rank gets every result (`spread`); in training each rank takes its share of
+# every batch, DistributedDataParallel all-reduces the gradients, and every rank takes the same step.
 
 def rank():
     return dist.get_rank() if dist.is_initialized() else 0
@@ -110,24 +101,23 @@ def finish():
         dist.destroy_process_group()
 
 
-def per_block(n, size, fn, desc=None):
-    """fn(indices) on this rank's blocks of range(n) (blocks of `size`); every block's result, in order,
-    on every rank. fn's results travel between processes as pickles: keep them small and on the CPU.
-    desc: a progress bar over the blocks (rank 0's share)."""
-    blocks = [list(range(s, min(s + size, n))) for s in range(0, n, size)]
-    ours = [b for b in range(len(blocks)) if b % world_size() == rank()]
+def spread(fn, *columns, block=64, desc=None):
+    """fn over blocks of items, shared out among the processes: the one primitive that splits work under
+    torchrun (in one process, a plain loop over the blocks).
+
+    columns: lists of equal length n. Cut into blocks of `block` items, process r of W calls
+    fn(*columns[s:s + block]) on blocks r, r+W, ..., and fn returns one result per item. Every process gets
+    all n results, in order, each computed as one process computes it. Results travel between processes
+    as pickles (keep them small, on the CPU). desc: a progress bar over this process's blocks."""
+    starts = range(0, len(columns[0]), block)
+    ours = [s for j, s in enumerate(starts) if j % world_size() == rank()]
     bar = tqdm(ours, desc=desc, disable=desc is None or not is_main(), leave=False, dynamic_ncols=True)
-    mine = {b: fn(blocks[b]) for b in bar}
+    done = {s: fn(*(c[s:s + block] for c in columns)) for s in bar}
     if world_size() > 1:
         parts = [None] * world_size()
-        dist.all_gather_object(parts, mine)
-        mine = {b: out for part in parts for b, out in part.items()}
-    return [mine[b] for b in range(len(blocks))]
-
-
-def per_item(n, size, fn, desc=None):
-    """per_block for an fn that returns one result per index: the flat list of all n results, in order."""
-    return [x for part in per_block(n, size, fn, desc) for x in part]
+        dist.all_gather_object(parts, done)
+        done = {s: out for part in parts for s, out in part.items()}
+    return [x for s in starts for x in done[s]]
 
 
 def _sum_over_ranks(values, device):
@@ -144,8 +134,7 @@ def _any_rank(flag, device):
     return _sum_over_ranks([float(flag)], device)[0] > 0
 
 
-# -----------------------------------------------------------------------------
-# The loop
+# ---- The loop ------------------------------------------------------------------------------------
 
 def lr_factor(step, total, warmup_steps, schedule):
     if step < warmup_steps:
@@ -163,12 +152,10 @@ def make_optimizer(params, tc):
 
 
 def train(model, n_examples, loss_fn, tc):
-    """Minimise loss_fn over n_examples examples.
-
-    loss_fn(net, indices) -> (mean loss over those examples, dict of float metrics), where net is the
-    model to call (the model itself, or its DistributedDataParallel wrapper under torchrun). Returns the
-    metrics and the loss averaged over the final epoch (weighted by examples). A non-finite loss or
-    gradient raises NonFiniteError before the optimizer touches anything, so the weights stay as they were."""
+    """Minimise loss_fn over n_examples examples. loss_fn(net, indices) -> (mean loss over those examples,
+    dict of float metrics); net: the model, or its DistributedDataParallel wrapper under torchrun. Returns
+    the final epoch's mean metrics and loss. A non-finite loss or gradient raises NonFiniteError before the
+    optimizer touches anything, so the weights stay as they were."""
     if n_examples == 0:
         raise ValueError(f"{tc.desc}: nothing to train on")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -225,70 +212,60 @@ def train(model, n_examples, loss_fn, tc):
     return {k: v / totals[-1] for k, v in zip(keys, totals)}
 
 
-# -----------------------------------------------------------------------------
-# Log-probs of responses, with the output layer only where it is needed
+# ---- Log-probs of responses, with the output layer only where it is needed -----------------------
 
-def response_logprobs(lm, batch):
-    """Summed log-probs of each row's response tokens, (B,), and their counts, (B,).
-
-    The output layer (C x V, the largest matmul of a small model) runs only on the N positions that
-    predict a response token, not on every prompt and padding position. lm: a CausalLM, or its
+def response_logprobs(lm, batch, average=False):
+    """losses.sequence_logprobs of each row's response, (B,), and its number of response tokens, (B,). The
+    output layer runs only on the N positions that predict a response token. lm: a CausalLM, or its
     DistributedDataParallel wrapper (which must be called, not bypassed, to all-reduce the gradients)."""
     ids, mask, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-    sel = resp[:, 1:].bool()                      # (B, T-1): position t predicts token t+1
+    sel = resp[:, 1:].bool()                                       # (B, T-1): position t predicts token t+1
     predicts = torch.cat([sel, torch.zeros_like(sel[:, :1])], 1)  # (B, T): the same, on the input positions
-    logits = lm(ids, mask, select=predicts)       # (N, V)
-    logp = losses.token_logprobs(logits, ids[:, 1:][sel])  # (N,)
-    row = torch.arange(len(ids), device=ids.device)[:, None].expand_as(sel)[sel]  # (N,) row of each position
-    total = torch.zeros(len(ids), device=ids.device, dtype=logp.dtype).index_add(0, row, logp)  # (B,)
-    return total, sel.sum(1)
+    logits = lm(ids, mask, select=predicts)                        # (N, V)
+    return losses.sequence_logprobs(logits, ids, resp, average), sel.sum(1)
 
 
 def _device(model):
     return next(model.parameters()).device
 
 
-def _pair_batch(pairs, idx, pad_id, device):
-    """Chosen rows then rejected rows, one batch: (2B, T) tensors."""
-    prompts = [pairs[i][0] for i in idx] * 2
-    responses = [pairs[i][1] for i in idx] + [pairs[i][2] for i in idx]
+def _pair_batch(pairs, pad_id, device):
+    """Chosen rows then rejected rows of (prompt_ids, chosen_ids, rejected_ids) triples, one batch: (2B, T)."""
+    prompts = [p for p, _, _ in pairs] * 2
+    responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
     return {k: v.to(device) for k, v in data.policy_batch(prompts, responses, pad_id).items()}
 
 
 @torch.no_grad()
-def reference_logprobs(lm, pairs, pad_id, batch_size=16):
-    """Log-probs of the chosen and rejected responses under lm, each (P,) on the CPU, in one no-grad
-    pass (under torchrun, each rank computes its blocks of pairs and all get all).
-
-    pairs: list of (prompt_ids, chosen_ids, rejected_ids)."""
+def _pair_logprobs(lm, pad_id, average, pairs):
     lm.eval()
-
-    def block(idx):
-        logp, _ = response_logprobs(lm, _pair_batch(pairs, idx, pad_id, _device(lm)))
-        return logp.cpu()  # (2B,): chosen then rejected
-
-    out = per_block(len(pairs), batch_size, block)
-    return torch.cat([o[:len(o) // 2] for o in out]), torch.cat([o[len(o) // 2:] for o in out])
+    logp, _ = response_logprobs(lm, _pair_batch(pairs, pad_id, _device(lm)), average)
+    return list(zip(logp[:len(pairs)].tolist(), logp[len(pairs):].tolist()))  # (chosen, rejected) per pair
 
 
-# -----------------------------------------------------------------------------
-# The three trainers
+def reference_logprobs(lm, pairs, pad_id, batch_size=16, average=False):
+    """Log-probs of the chosen and rejected responses of (prompt_ids, chosen_ids, rejected_ids) triples
+    under lm, each (P,) on the CPU, in a no-grad pass."""
+    out = spread(partial(_pair_logprobs, lm, pad_id, average), pairs, block=batch_size)
+    return torch.tensor([c for c, _ in out]), torch.tensor([r for _, r in out])
+
+
+# ---- The three trainers --------------------------------------------------------------------------
 
 def train_dpo(lm, pairs, pad_id, tc, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_coef=0.0,
-              reference=None):
-    """DPO (Rafailov et al. 2023, eq. 7) on pairs of the policy's own token ids.
-
-    pairs: list of (prompt_ids, chosen_ids, rejected_ids), responses ending in their stop token where they
-    stopped. reference: precomputed (ref_chosen, ref_rejected) log-probs, or None to use lm itself as it is
-    now (the round-start policy). With sft_coef > 0, adds that times the chosen response's per-token NLL."""
+              average=False, reference=None):
+    """DPO (Rafailov et al. 2023, eq. 7) on (prompt_ids, chosen_ids, rejected_ids) triples of the policy's own
+    token ids; log-probs summed over the response tokens, or averaged (average=True, IPO's form). reference:
+    precomputed (ref_chosen, ref_rejected) log-probs, or None for lm as it is now (the round-start policy).
+    With sft_coef > 0, adds that times losses.sft_loss of the chosen responses."""
     own_reference = reference is None
-    ref_c, ref_r = reference_logprobs(lm, pairs, pad_id, 2 * tc.batch_size) if own_reference else reference
+    ref_c, ref_r = reference_logprobs(lm, pairs, pad_id, 2 * tc.batch_size, average) if own_reference else reference
     device = _device(lm)
     ref_c, ref_r = ref_c.to(device), ref_r.to(device)
     first = {}
 
     def loss_fn(net, idx):
-        logp, n_tok = response_logprobs(net, _pair_batch(pairs, idx, pad_id, device))
+        logp, n_tok = response_logprobs(net, _pair_batch([pairs[i] for i in idx], pad_id, device), average)
         B = len(idx)
         pi_c, pi_r = logp[:B], logp[B:]
         idx_t = torch.tensor(idx, device=device)
@@ -296,10 +273,10 @@ def train_dpo(lm, pairs, pad_id, tc, beta=0.1, loss_type="sigmoid", label_smooth
         loss = dpo.mean()
         metrics = {"dpo_loss": loss.item(), **{k: float(v) for k, v in m.items()}}
         if sft_coef > 0:
-            sft = -(pi_c / n_tok[:B].clamp(min=1)).mean()
+            sft = losses.sft_loss(pi_c * n_tok[:B] if average else pi_c, n_tok[:B])
             loss = loss + sft_coef * sft
             metrics["sft_loss"] = sft.item()
-        if not first:  # the sanity check of PITFALLS.md: the policy equals its reference at step 0
+        if not first:  # at step 0 the policy is its own reference: loss log 2, implicit reward margin 0
             first.update(dpo_first_loss=metrics["dpo_loss"], first_margin=metrics["reward_margin"])
             if own_reference and abs(metrics["reward_margin"]) > 1e-3:
                 raise RuntimeError(f"DPO reference check failed: implicit reward margin {metrics['reward_margin']:.2e} "
@@ -310,29 +287,29 @@ def train_dpo(lm, pairs, pad_id, tc, beta=0.1, loss_type="sigmoid", label_smooth
     return {**metrics, **first}
 
 
-def train_reward(rm, pairs, pad_id, tc, margin=0.0, center_coef=0.0):
-    """Pairwise ranking loss (Bradley-Terry) on pairs of (chosen_ids, rejected_ids), each already
-    formatted and tokenised for this reward model (data.reward_ids)."""
+def train_reward(rm, pairs, pad_id, tc, margin=0.0):
+    """The pairwise ranking loss (losses.ranking_loss) on pairs of (chosen_ids, rejected_ids), each
+    already formatted and tokenised for this reward model (data.reward_ids)."""
     device = _device(rm)
 
     def loss_fn(net, idx):
         rows = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
         ids, mask = data.pad(rows, pad_id)
         r = net(ids.to(device), mask.to(device))  # (2B,)
-        loss, m = losses.ranking_loss(r[:len(idx)], r[len(idx):], margin, center_coef)
+        loss, m = losses.ranking_loss(r[:len(idx)], r[len(idx):], margin)
         return loss.mean(), {k: float(v) for k, v in m.items()}
 
     return train(rm, len(pairs), loss_fn, tc)
 
 
 def train_sft(lm, examples, pad_id, tc):
-    """Supervised fine-tuning: mean NLL of the response tokens of (prompt_ids, response_ids) examples."""
+    """Supervised fine-tuning (losses.sft_loss) on the response tokens of (prompt_ids, response_ids) examples."""
     device = _device(lm)
 
     def loss_fn(net, idx):
         batch = data.policy_batch([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad_id)
         logp, n_tok = response_logprobs(net, {k: v.to(device) for k, v in batch.items()})
-        return -logp.sum() / n_tok.sum().clamp(min=1), {}
+        return losses.sft_loss(logp, n_tok), {}
 
     return train(lm, len(examples), loss_fn, tc)
 

@@ -6,18 +6,17 @@ Oracle: the share of positions that match the sorted answer, over the longer of 
 a wrong length costs). It plays the paper's GPT-4 judge: it builds the world and grades evaluations, and
 never gives a training signal inside the rounds.
 
-Why this world shows what the paper claims (see ../shared/DEFAULT_WORLD.md for the measurements behind it):
+Why this world shows what the paper claims (a prototype measured it before it was built):
 - The base policy is SFT on demonstrations whose *mode is wrong*: most of them drop the largest digit.
-  Greedy decoding then copies the flaw almost always, while sampling still finds right answers now and
-  then: there is room to improve, and the K samples contain the fix for preferences to find.
-- The teacher (the largest reward model, initialised from the base policy) is trained on many
-  oracle-labelled pairs: good, not perfect. The student (a much smaller model) is trained on few: weak.
-  Student-only selection lets the policy game the weak student; the teacher's verdict keeps it honest.
+  Greedy decoding copies the flaw, while samples still hold right answers: there is room to improve, and
+  the K samples contain the fix. (With random corruption only, the right token stays the most likely one
+  at every step: the prototype's base policy was 99% right greedily, and nothing could beat it.)
+- The teacher (the largest reward model, initialised from the base policy) is trained on many oracle
+  pairs: good, not perfect. The student (much smaller) is trained on few: weak. Student-only selection
+  lets the policy game the weak student; the teacher's verdict keeps it honest.
 
-The three models are ordinary Hugging Face checkpoints (LlamaForCausalLM, LlamaForSequenceClassification)
-with a `tokenizers` word-level tokenizer, cached under ~/.cache/tsalign/ keyed by the code that builds
-them (this file and the modules it trains with) and the settings, and loaded back through model.load_model
-like any real checkpoint.
+The three models are ordinary Hugging Face checkpoints with a word-level tokenizer, cached under
+~/.cache/tsalign/ keyed by the code that builds them (BUILD_MODULES) and the settings.
 """
 import hashlib
 import json
@@ -32,9 +31,11 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 import data
 import model
 import train_loop
+from checkpoint import config_from_hf, save_model
+from data import Pair
+from generate import generate
 
-# -----------------------------------------------------------------------------
-# Settings (part of the cache key)
+# ---- Settings (part of the cache key) ------------------------------------------------------------
 
 SETTINGS = dict(
     min_len=4, max_len=7,
@@ -58,15 +59,14 @@ MAX_NEW_TOKENS = 10  # the longest answer is 7 digits + EOS
 # - min_margin 2.5 (in teacher score units): the teacher's margin predicts whether it is right; mined pairs
 #   with a margin below 1 were right about 60% of the time, above 2 over 90%.
 # - ~1,000 prompts per round: pairs from 256 prompts were too few for DPO to move the greedy answer.
-RUN_DEFAULTS = dict(beta=2.0, prompts_per_round=1024, eval_prompts=2000, k=8, min_margin=2.5,
+RUN_DEFAULTS = dict(beta=2.0, prompts_per_round=1024, eval_count=2000, min_margin=2.5,
                     max_new_tokens=MAX_NEW_TOKENS, lr=1e-4, epochs=2, batch_size=64,
                     student_lr=5e-4, student_epochs=2)
 
 SPECIALS = ["<pad>", "<bos>", "<sep>", "<eos>"]
 
 
-# -----------------------------------------------------------------------------
-# The task and its oracle
+# ---- The task and its oracle ---------------------------------------------------------------------
 
 def random_prompt(rng):
     n = rng.randint(SETTINGS["min_len"], SETTINGS["max_len"])
@@ -113,18 +113,16 @@ def demonstration(prompt, rng):
 
 
 def corrupted_pair(rng):
-    """Two answers to one prompt, each right or carrying one mistake, that the oracle tells apart.
-
-    Base-policy samples mostly show one flaw (the dropped digit); these show every kind of mistake,
-    duplicates and insertions included, so the teacher does not learn "longer is better" and stays
-    reliable when the policy's answers are nearly right."""
+    """Two answers to one prompt, each right or with one mistake of any kind, that the oracle tells apart:
+    base-policy samples mostly show the dropped digit, and these keep the teacher from learning "longer is
+    better", so it stays reliable when the policy's answers are nearly right."""
     kinds = ["drop_largest", "swap", "replace", "drop", "duplicate", "insert"]
     while True:
         p = random_prompt(rng)
         right = sorted(p.split())
         a, b = (" ".join(right if rng.random() < 0.3 else with_mistake(right, kinds, rng)) for _ in range(2))
         if a != b and oracle(p, a) != oracle(p, b):
-            return (p, a, b, True, True) if oracle(p, a) > oracle(p, b) else (p, b, a, True, True)
+            return Pair(p, a, b) if oracle(p, a) > oracle(p, b) else Pair(p, b, a)
 
 
 def make_tokenizer():
@@ -144,15 +142,14 @@ def hf_config(arch, sizes, tok):
 
 def fresh_lm(sizes, tok, seed):
     torch.manual_seed(seed)
-    lm = model.CausalLM(model.config_from_hf(hf_config("LlamaForCausalLM", sizes, tok)))
+    lm = model.CausalLM(config_from_hf(hf_config("LlamaForCausalLM", sizes, tok)))
     for name, p in lm.named_parameters():  # GPT-2-style small init; norms start at one
         if p.dim() > 1:
             torch.nn.init.normal_(p, std=0.02)
     return lm
 
 
-# -----------------------------------------------------------------------------
-# Builders
+# ---- Builders ------------------------------------------------------------------------------------
 
 def build_policy(tok, rng, examples, seed, lr, sizes, desc):
     """A causal LM trained with SFT on imperfect demonstrations."""
@@ -168,26 +165,25 @@ def build_policy(tok, rng, examples, seed, lr, sizes, desc):
 
 
 def oracle_pairs(lm, tok, rng, n, seed):
-    """n pairs of distinct base-policy samples whose oracle scores differ, labelled by the oracle:
-    a list of (prompt, chosen, rejected, chosen_finished, rejected_finished)."""
+    """n Pairs of distinct base-policy samples whose oracle scores differ, labelled by the oracle."""
     eos = tok.token_to_id("<eos>")
     pairs, gen = [], torch.Generator().manual_seed(seed)
     while len(pairs) < n:
         prompts = [random_prompt(rng) for _ in range(512)]
-        outs = model.generate(lm, [data.encode_prompt(tok, FORMAT, p) for p in prompts], MAX_NEW_TOKENS,
-                              temperature=1.0, eos_token_id=eos, generator=gen, num_samples=2)
+        outs = generate(lm, [data.encode_prompt(tok, FORMAT, p) for p in prompts], MAX_NEW_TOKENS,
+                        temperature=1.0, eos_token_id=eos, generator=gen, num_samples=2)
         for i, p in enumerate(prompts):
             (a, fa), (b, fb) = (data.response_text(tok, o, [eos]) for o in outs[2 * i:2 * i + 2])
             sa, sb = oracle(p, a) + fa, oracle(p, b) + fb  # a truncated answer loses to a finished one
             if a != b and sa != sb:
-                pairs.append((p, a, b, fa, fb) if sa > sb else (p, b, a, fb, fa))
+                pairs.append(Pair(p, a, b, fa, fb) if sa > sb else Pair(p, b, a, fb, fa))
     return pairs[:n]
 
 
 def reward_rows(tok, pairs):
     eos = tok.token_to_id("<eos>")
-    return [(data.reward_ids(tok, FORMAT, p, c, fc, eos), data.reward_ids(tok, FORMAT, p, r, fr, eos))
-            for p, c, r, fc, fr in pairs]
+    return [(data.reward_ids(tok, FORMAT, p.prompt, p.chosen, p.chosen_finished, eos),
+             data.reward_ids(tok, FORMAT, p.prompt, p.rejected, p.rejected_finished, eos)) for p in pairs]
 
 
 def build_reward(lm, tok, pairs, lr, epochs, seed, desc):
@@ -198,10 +194,8 @@ def build_reward(lm, tok, pairs, lr, epochs, seed, desc):
 
 
 def pair_accuracy(rm, tok, pairs):
-    rows = reward_rows(tok, pairs)
-    pad = tok.token_to_id("<pad>")
-    rc = train_loop.reward_scores(rm, [c for c, _ in rows], pad)
-    rr = train_loop.reward_scores(rm, [r for _, r in rows], pad)
+    rows, pad = reward_rows(tok, pairs), tok.token_to_id("<pad>")
+    rc, rr = (train_loop.reward_scores(rm, [row[j] for row in rows], pad) for j in (0, 1))
     return (rc > rr).float().mean().item()
 
 
@@ -226,19 +220,23 @@ def build(folder):
             "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in
                            [("policy", policy), ("teacher", teacher), ("student", student)]}}
     for name, m in [("policy", policy), ("teacher", teacher), ("student", student)]:
-        model.save_model(m, os.path.join(folder, name))
+        save_model(m, os.path.join(folder, name))
         tok.save(os.path.join(folder, name, "tokenizer.json"))
     with open(os.path.join(folder, "world.json"), "w") as f:
         json.dump({"settings": S, **info}, f, indent=2)
     return info
 
 
+# Every module the world's build runs (a test checks this list against what `import world` loads).
+BUILD_MODULES = ("world.py", "model.py", "checkpoint.py", "generate.py", "data.py", "losses.py", "train_loop.py")
+
+
 def cache_key():
-    """A hash of the code that builds the world (this file and the modules it trains with) and its
-    settings: a change in any of them, an optimizer's for one, builds a different world."""
+    """A hash of the code that builds the world (BUILD_MODULES) and its settings: a change in any of them,
+    an optimizer's for one, builds a different world."""
     here = os.path.dirname(os.path.abspath(__file__))
     code = b""
-    for name in ("world.py", "model.py", "data.py", "losses.py", "train_loop.py"):
+    for name in BUILD_MODULES:
         with open(os.path.join(here, name), "rb") as f:
             code += f.read()
     return hashlib.sha256(code + json.dumps(SETTINGS, sort_keys=True).encode()).hexdigest()[:16]

@@ -12,7 +12,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import model  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from generate import generate  # noqa: E402
 from conftest import FAMILIES, hf_load, make_checkpoint, uncached_greedy  # noqa: E402
 
 
@@ -34,7 +35,7 @@ def main():
             d = make_checkpoint(os.path.join(root, f"{fam}{int(reward)}"), fam, reward=reward)
             ids = torch.randint(3, 128, (3, 24), generator=g).cuda()
             for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 0.15)):
-                ours = model.load_model(d, device="cuda", dtype=dtype)
+                ours = load_model(d, device="cuda", dtype=dtype)
                 theirs = hf_load(d, reward).to("cuda", dtype)
                 with torch.no_grad():
                     a = ours(ids).float()
@@ -43,12 +44,12 @@ def main():
                 err = (a - b).abs().max().item()
                 good &= check(f"{fam}{' reward' if reward else ''} {dtype}", err <= tol, f"max |diff| {err:.2e}")
     # Greedy on the GPU equals step-by-step argmax without a cache (float32).
-    lm = model.load_model(make_checkpoint(os.path.join(root, "gen"), "llama"), device="cuda")
+    lm = load_model(make_checkpoint(os.path.join(root, "gen"), "llama"), device="cuda")
     prompts = [torch.randint(3, 128, (n,), generator=g).tolist() for n in (5, 17, 9)]
-    out = model.generate(lm, prompts, 12)
+    out = generate(lm, prompts, 12)
     same = all(uncached_greedy(lm, p, 12)[0] == o for p, o in zip(prompts, out))
     good &= check("greedy generate == uncached argmax on cuda", same)
-    k = model.generate(lm, prompts, 12, temperature=1.0, top_p=0.9, num_samples=4,
+    k = generate(lm, prompts, 12, temperature=1.0, top_p=0.9, num_samples=4,
                        generator=torch.Generator(device="cuda").manual_seed(1))
     good &= check("num_samples=4 sampling on cuda", len(k) == 12 and all(len(x) == 12 for x in k))
     # One TS-Align round on tiny checkpoints, on the GPU.

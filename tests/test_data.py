@@ -189,10 +189,15 @@ def test_response_text(tok):
     assert data.response_text(tok, body + [im_end], [eos]) == ("the cat sat<|im_end|>", False)
 
 
-def test_reward_batch_eos_only_when_finished(tok):
+def reward_batch(tok, prompts, responses, finished, eos, pad_id, side="right"):
+    return data.pad([data.reward_ids(tok, "chatml", p, r, f, eos) for p, r, f in zip(prompts, responses, finished)],
+                    pad_id, side)
+
+
+def test_reward_rows_eos_only_when_finished(tok):
     eos, pad_id = tok.token_to_id(EOS), tok.token_to_id("<|eot_id|>")  # pad != eos here
     prompts, responses = ["how are you?", "hi"], ["the cat sat on the mat.", "hello"]
-    ids, mask = data.reward_batch(tok, "chatml", prompts, responses, [True, False], eos, pad_id)
+    ids, mask = reward_batch(tok, prompts, responses, [True, False], eos, pad_id)
     rows = [data.encode_prompt(tok, "chatml", p) + tok.encode(r, add_special_tokens=False).ids
             for p, r in zip(prompts, responses)]
     rows[0] = rows[0] + [eos]
@@ -203,7 +208,7 @@ def test_reward_batch_eos_only_when_finished(tok):
         assert mask[i].tolist() == [1] * lengths[i] + [0] * (max(lengths) - lengths[i])
     assert (ids[1] == eos).sum() == 0  # the unfinished row has no EOS anywhere
     # Left padding with pad == eos: the finished row's last real token is its EOS, and it keeps mask 1.
-    ids, mask = data.reward_batch(tok, "chatml", prompts, responses, [True, False], eos, eos, side="left")
+    ids, mask = reward_batch(tok, prompts, responses, [True, False], eos, eos, side="left")
     assert ids[0, -1] == eos and mask[0, -1] == 1
     assert mask.sum(1).tolist() == lengths
 

@@ -10,7 +10,8 @@ import time
 import pytest
 import torch
 
-import model
+from checkpoint import load_model
+import run
 import tsalign
 from conftest import argv, metrics
 
@@ -51,10 +52,10 @@ def test_two_processes_equal_one(world, tmp_path):
         assert a[k] == b[k], k
     assert metrics(one)[0]["win_rate_vs_base"] == metrics(two)[0]["win_rate_vs_base"] == 0.5
     # One data-parallel round of student and policy training gives the single process's weights.
-    start = model.load_model(world["policy"], "cpu").state_dict()
+    start = load_model(world["policy"], "cpu").state_dict()
     for name in ("policy", "student"):
-        x = model.load_model(str(one / "round_1" / name), "cpu").state_dict()
-        y = model.load_model(str(two / "round_1" / name), "cpu").state_dict()
+        x = load_model(str(one / "round_1" / name), "cpu").state_dict()
+        y = load_model(str(two / "round_1" / name), "cpu").state_dict()
         if name == "policy":
             assert max((x[k] - start[k]).abs().max() for k in x) > 1e-3, "the policy did not train: nothing compared"
         for k in x:
@@ -99,14 +100,12 @@ def test_a_dying_process_stops_the_run_and_the_last_round_survives(world, tmp_pa
     ranks = children(proc.pid)
     assert sorted(ranks) == [0, 1], ranks
     os.kill(ranks[1], signal.SIGKILL)
-    t0 = time.time()
-    log, _ = proc.communicate(timeout=120)  # no hang: the other process is stopped too
+    log, _ = proc.communicate(timeout=120)  # no hang (TimeoutExpired otherwise): the other process is stopped too
     assert proc.returncode != 0
-    assert time.time() - t0 < 120
     assert "FAILED" in log and "SIGKILL" in log, log[-2000:]  # torchrun names the process and its signal
     assert all(gone(pid) for pid in ranks.values()), "a worker process outlived the run"
     # Every round folder is whole, and the run resumes from the last one in a single process.
-    done = tsalign.finished_rounds(str(out))
+    done = run.finished_rounds(str(out))
     assert done and done == list(range(max(done) + 1))
     tsalign.main(["--resume", "--out", str(out), "--rounds", str(max(done) + 1)])
     assert [m["round"] for m in metrics(out)] == list(range(max(done) + 2))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from losses import dpo_loss, ranking_loss, sequence_logprobs, sft_loss, sft_loss_from_logprobs, token_logprobs
+from losses import dpo_loss, ranking_loss, sequence_logprobs, sft_loss, token_logprobs
 
 
 def neg_log_sigmoid(x):
@@ -43,6 +43,12 @@ def test_token_logprobs_bf16_runs_in_float32():
     torch.testing.assert_close(out.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-5)
 
 
+def response_logits(logits, mask):
+    """Full logits (B, T, V) -> those of the positions that predict a response token, (N, V), as
+    sequence_logprobs takes them (training computes only these)."""
+    return logits[:, :-1][mask[:, 1:].bool()]
+
+
 def hand_sequence_logprob(logits, labels, mask, b):
     """Loop over positions: token t (t >= 1) is predicted by logits[t - 1]; keep it if mask[t] is 1."""
     total, count = 0.0, 0
@@ -65,8 +71,8 @@ def test_sequence_logprobs_matches_hand_loop(padding):
         n = prompt_lens[b] + resp_lens[b]
         start = T - n if padding == "left" else 0
         mask[b, start + prompt_lens[b]: start + n] = 1  # response tokens only
-    summed = sequence_logprobs(logits, labels, mask)
-    averaged = sequence_logprobs(logits, labels, mask, average=True)
+    summed = sequence_logprobs(response_logits(logits, mask), labels, mask)
+    averaged = sequence_logprobs(response_logits(logits, mask), labels, mask, average=True)
     assert summed.shape == (B,)
     for b in range(B):
         total, count = hand_sequence_logprob(logits, labels, mask, b)
@@ -76,17 +82,17 @@ def test_sequence_logprobs_matches_hand_loop(padding):
 
 
 def test_sequence_logprobs_same_alone_and_padded():
-    """A sequence's log-prob alone equals its value inside a left-padded batch (PITFALLS: masks)."""
+    """A sequence's log-prob alone equals its value inside a left-padded batch: masks come from lengths."""
     torch.manual_seed(2)
     V = 7
     logits = torch.randn(1, 5, V)
     labels = torch.randint(0, V, (1, 5))
     mask = torch.tensor([[0, 0, 1, 1, 1]])
-    alone = sequence_logprobs(logits, labels, mask)
+    alone = sequence_logprobs(response_logits(logits, mask), labels, mask)
     pad = 3  # junk logits and labels in the padding must not matter
-    padded = sequence_logprobs(torch.cat([torch.randn(1, pad, V) * 50, logits], 1),
-                               torch.cat([torch.randint(0, V, (1, pad)), labels], 1),
-                               torch.cat([torch.zeros(1, pad, dtype=torch.long), mask], 1))
+    logits_p = torch.cat([torch.randn(1, pad, V) * 50, logits], 1)
+    mask_p = torch.cat([torch.zeros(1, pad, dtype=torch.long), mask], 1)
+    padded = sequence_logprobs(response_logits(logits_p, mask_p), torch.cat([torch.randint(0, V, (1, pad)), labels], 1), mask_p)
     torch.testing.assert_close(alone, padded)
 
 
@@ -94,7 +100,7 @@ def test_sequence_logprobs_empty_response_average_is_zero_not_nan():
     logits = torch.randn(2, 4, 5)
     labels = torch.randint(0, 5, (2, 4))
     mask = torch.tensor([[0, 0, 0, 0], [0, 1, 1, 0]])
-    out = sequence_logprobs(logits, labels, mask, average=True)
+    out = sequence_logprobs(response_logits(logits, mask), labels, mask, average=True)
     assert out[0].item() == 0.0 and torch.isfinite(out).all()
 
 
@@ -106,10 +112,10 @@ def test_sft_loss_is_pooled_mean_nll():
     mask = torch.tensor([[0, 1, 1, 1, 1, 1], [0, 0, 0, 0, 1, 0]])  # 5 tokens and 1 token
     totals, counts = zip(*(hand_sequence_logprob(logits, labels, mask, b) for b in range(B)))
     expected = -sum(totals) / sum(counts)  # pooled over tokens, not a mean of per-row means
-    assert sft_loss(logits, labels, mask).item() == pytest.approx(expected, abs=1e-5)
+    logps = sequence_logprobs(response_logits(logits, mask), labels, mask)
+    assert sft_loss(logps, mask[:, 1:].sum(1)).item() == pytest.approx(expected, abs=1e-5)
     assert expected != pytest.approx(-(totals[0] / 5 + totals[1] / 1) / 2, abs=1e-3)
-    logps = torch.tensor([[-1.0, -2.0, -3.0], [-4.0, -5.0, -6.0]])
-    assert sft_loss_from_logprobs(logps, torch.tensor([[1, 1, 0], [0, 0, 1]])).item() == pytest.approx(3.0)
+    assert sft_loss(torch.tensor([-3.0, -6.0]), torch.tensor([2, 1])).item() == pytest.approx(3.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -118,9 +124,9 @@ def test_sft_loss_is_pooled_mean_nll():
 
 def test_ranking_loss_hand_values():
     r_c, r_r = torch.tensor([2.0, -1.0]), torch.tensor([0.5, 1.0])
-    losses, metrics = ranking_loss(r_c, r_r, margin=0.5, center_coef=0.1)
-    # pair 0: diff 1.5, minus margin 1.0, sum 2.5; pair 1: diff -2, minus margin -2.5, sum 0
-    expected = [math.log(1 + math.exp(-1.0)) + 0.1 * 2.5 ** 2, math.log(1 + math.exp(2.5)) + 0.0]
+    losses, metrics = ranking_loss(r_c, r_r, margin=0.5)
+    # pair 0: diff 1.5, minus the margin 1.0; pair 1: diff -2, minus the margin -2.5
+    expected = [math.log(1 + math.exp(-1.0)), math.log(1 + math.exp(2.5))]
     torch.testing.assert_close(losses, torch.tensor(expected))
     assert metrics["accuracy"].item() == pytest.approx(0.5)
     assert metrics["margin"].item() == pytest.approx((1.5 - 2.0) / 2)
@@ -130,10 +136,11 @@ def test_ranking_loss_hand_values():
     assert metrics["accuracy"].item() == 0.0
 
 
-def test_ranking_loss_tensor_margin_and_reference_formula():
+def test_ranking_loss_margin_and_reference_formula():
     rng = np.random.default_rng(4)
-    r_c, r_r, m = (rng.normal(size=16) * 3 for _ in range(3))
-    losses, _ = ranking_loss(torch.tensor(r_c), torch.tensor(r_r), margin=torch.tensor(m))
+    r_c, r_r = (rng.normal(size=16) * 3 for _ in range(2))
+    m = 0.7
+    losses, _ = ranking_loss(torch.tensor(r_c), torch.tensor(r_r), margin=m)
     np.testing.assert_allclose(losses.numpy(), neg_log_sigmoid(r_c - r_r - m), rtol=1e-10)
     losses0, _ = ranking_loss(torch.tensor(r_c), torch.tensor(r_r))
     np.testing.assert_allclose(losses0.numpy(), neg_log_sigmoid(r_c - r_r), rtol=1e-10)
@@ -149,9 +156,9 @@ def test_ranking_loss_stable_at_large_scores():
     assert losses[1].item() == pytest.approx(2000.0)
 
 
-def test_ranking_loss_rejects_negative_center_coef():
-    with pytest.raises(ValueError, match="center_coef"):
-        ranking_loss(torch.zeros(2), torch.zeros(2), center_coef=-0.1)
+def test_ranking_loss_rejects_negative_margin():
+    with pytest.raises(ValueError, match="margin must be >= 0, got -0.1"):
+        ranking_loss(torch.zeros(2), torch.zeros(2), margin=-0.1)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -6,14 +6,14 @@ Every comparison is with transformers run in the same test, or with an invarianc
 import json
 import os
 import shutil
-import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GenerationConfig
 
+import checkpoint as C
+import generate as G
 import model as M
 from conftest import BOS, EOS, FAMILIES, PAD, VOCAB, hf_load, make_checkpoint, uncached_greedy
 
@@ -60,7 +60,7 @@ def ckpts(tmp_path_factory):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logit_parity(ckpts, family):
     d = ckpts(family)
-    hf, ours = hf_load(d), M.load_model(d)
+    hf, ours = hf_load(d), C.load_model(d)
     assert isinstance(ours, M.CausalLM)
     ids = rand_ids(3, 40, seed=1)
     ref = hf(ids).logits
@@ -73,7 +73,7 @@ def test_logit_parity(ckpts, family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_reward_parity(ckpts, family):
     d = ckpts(family, reward=True)
-    hf, rm = hf_load(d, reward=True), M.load_model(d)
+    hf, rm = hf_load(d, reward=True), C.load_model(d)
     assert isinstance(rm, M.RewardModel)
     assert hf.config.pad_token_id == PAD
     ids = rand_ids(4, 20, seed=2)  # no PAD token anywhere: transformers reads the last position
@@ -107,8 +107,8 @@ def pad_batch(seqs, side, seed=0):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_padding_invariance(ckpts, family, side):
     seqs = [rand_ids(n, seed=10 + n).tolist() for n in (14, 6, 10)]
-    lm, hf = M.load_model(ckpts(family)), hf_load(ckpts(family))
-    rm, hf_rm = M.load_model(ckpts(family, True)), hf_load(ckpts(family, True), reward=True)
+    lm, hf = C.load_model(ckpts(family)), hf_load(ckpts(family))
+    rm, hf_rm = C.load_model(ckpts(family, True)), hf_load(ckpts(family, True), reward=True)
     ids, mask, spans = pad_batch(seqs, side)
     logits, rewards = lm(ids, mask), rm(ids, mask)
     for i, (s, (a, b)) in enumerate(zip(seqs, spans)):
@@ -127,7 +127,7 @@ def test_padding_invariance(ckpts, family, side):
 
 def test_reward_pad_equals_eos(tmp_path):
     d = make_checkpoint(tmp_path / "rm", "llama", reward=True, pad_token_id=EOS, eos_token_id=EOS)
-    rm, hf = M.load_model(d), hf_load(d, reward=True)
+    rm, hf = C.load_model(d), hf_load(d, reward=True)
     assert rm.config.pad_token_id == EOS == rm.config.stop_token_ids[0]
     seq = rand_ids(9, seed=3).tolist() + [EOS]        # a finished response: its last real token is EOS
     other = rand_ids(13, seed=4).tolist()
@@ -180,9 +180,9 @@ def hf_greedy(hf, prompt, n):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3", "gpt2"])
 def test_greedy_generate(ckpts, family):
     d = ckpts(family)
-    lm, hf = M.load_model(d), hf_load(d)
+    lm, hf = C.load_model(d), hf_load(d)
     n = 12
-    out = M.generate(lm, PROMPTS, n, eos_token_id=None)
+    out = G.generate(lm, PROMPTS, n, eos_token_id=None)
     assert len(out) == len(PROMPTS) and all(len(o) == n for o in out)
     distinct = set()
     for i, p in enumerate(PROMPTS):
@@ -208,12 +208,12 @@ def test_greedy_generate(ckpts, family):
 
 @pytest.fixture(scope="module")
 def llama_lm(ckpts):
-    return M.load_model(ckpts("llama"))
+    return C.load_model(ckpts("llama"))
 
 
 def test_stop_ids(llama_lm):
     lm, n = llama_lm, 12
-    free = M.generate(lm, PROMPTS, n, eos_token_id=None)
+    free = G.generate(lm, PROMPTS, n, eos_token_id=None)
     assert all(len(o) == n for o in free)
 
     def first(o, stops):
@@ -235,7 +235,7 @@ def test_stop_ids(llama_lm):
         if chosen:
             break
     assert chosen, f"no suitable stop ids in {free}"
-    out = M.generate(lm, PROMPTS, n, eos_token_id=list(chosen))
+    out = G.generate(lm, PROMPTS, n, eos_token_id=list(chosen))
     for o, f in zip(out, free):
         t = first(f, chosen)
         if t is None:
@@ -243,44 +243,25 @@ def test_stop_ids(llama_lm):
         else:
             assert o == f[:t + 1] and o[-1] in chosen  # stops at the first stop id and keeps it
     # None never stops, even though the outputs contain the ids.
-    assert M.generate(lm, PROMPTS, n, eos_token_id=None) == free
+    assert G.generate(lm, PROMPTS, n, eos_token_id=None) == free
     # A single int works as a stop id too.
     a = chosen[0]
-    for o, f in zip(M.generate(lm, PROMPTS, n, eos_token_id=a), free):
+    for o, f in zip(G.generate(lm, PROMPTS, n, eos_token_id=a), free):
         t = first(f, (a,))
         assert o == (f if t is None else f[:t + 1])
 
 
-def check_logprobs(lm, prompt, toks, lps):
-    full = torch.tensor([prompt + toks])
-    logp = lm(full)[0].log_softmax(-1)[len(prompt) - 1:len(prompt) - 1 + len(toks)]
-    ref = logp.gather(-1, torch.tensor(toks)[:, None]).squeeze(-1)
-    assert len(lps) == len(toks)
-    assert maxdiff(torch.tensor(lps), ref) <= 1e-4
-
-
-def test_logprobs_and_num_samples(llama_lm):
+def test_num_samples_are_prompt_major(llama_lm):
     lm, n, K = llama_lm, 8, 3
-    greedy = M.generate(lm, PROMPTS, n)
-    out, lps = M.generate(lm, PROMPTS, n, return_logprobs=True)
-    assert out == greedy
-    for p, o, lp in zip(PROMPTS, out, lps):
-        check_logprobs(lm, p, o, lp)
+    greedy = G.generate(lm, PROMPTS, n)
     # K greedy samples per prompt, prompt-major, all equal to the greedy output.
-    many = M.generate(lm, PROMPTS, n, num_samples=K)
-    assert len(many) == len(PROMPTS) * K
-    for i in range(len(PROMPTS)):
-        for j in range(K):
-            assert many[i * K + j] == greedy[i]
-    # Sampled (temperature != 1, top-k): logprobs are the model's (temperature 1) log-softmax, and sample
-    # i*K+j continues prompt i (a wrong order would score tokens under the wrong prompt).
+    many = G.generate(lm, PROMPTS, n, num_samples=K)
+    assert many == [greedy[i] for i in range(len(PROMPTS)) for _ in range(K)]
+    # Sampled with top-k 1 (temperature 0.8): sample i*K+j continues prompt i, so it is prompt i's greedy answer.
     g = torch.Generator().manual_seed(0)
-    out, lps = M.generate(lm, PROMPTS, n, temperature=0.8, top_k=40, num_samples=K, generator=g,
-                          return_logprobs=True)
+    assert G.generate(lm, PROMPTS, n, temperature=0.8, top_k=1, num_samples=K, generator=g) == many
+    out = G.generate(lm, PROMPTS, n, temperature=0.8, top_k=40, num_samples=K, generator=g)
     assert len(out) == len(PROMPTS) * K
-    for i in range(len(PROMPTS)):
-        for j in range(K):
-            check_logprobs(lm, PROMPTS[i], out[i * K + j], lps[i * K + j])
     assert len({tuple(o) for o in out}) > len(PROMPTS)  # samples of a prompt differ
 
 
@@ -288,12 +269,12 @@ def test_sampling_reproducible_and_top_k_1(llama_lm):
     lm, n = llama_lm, 10
 
     def sample(seed, **kw):
-        return M.generate(lm, PROMPTS, n, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
+        return G.generate(lm, PROMPTS, n, temperature=1.0, generator=torch.Generator().manual_seed(seed), **kw)
 
     assert sample(7) == sample(7)
     assert sample(7) != sample(8)
     assert sample(7, top_p=0.9) == sample(7, top_p=0.9)
-    greedy = M.generate(lm, PROMPTS, n)
+    greedy = G.generate(lm, PROMPTS, n)
     assert sample(7, top_k=1) == greedy
     assert sample(7) != greedy
     assert sample(3, top_p=1e-6) == greedy  # the smallest set reaching top_p is the top token alone
@@ -307,14 +288,14 @@ def test_per_prompt_generators_make_samples_independent_of_the_batch(llama_lm):
     def gens(*seeds):
         return [torch.Generator().manual_seed(s) for s in seeds]
 
-    a = M.generate(lm, PROMPTS[:2], n, temperature=1.0, top_p=0.9, generator=gens(10, 11), num_samples=K)
-    b = M.generate(lm, [PROMPTS[2], PROMPTS[0]], n, temperature=1.0, top_p=0.9, generator=gens(12, 10), num_samples=K)
-    alone = M.generate(lm, PROMPTS[:1], n, temperature=1.0, top_p=0.9, generator=gens(10), num_samples=K)
+    a = G.generate(lm, PROMPTS[:2], n, temperature=1.0, top_p=0.9, generator=gens(10, 11), num_samples=K)
+    b = G.generate(lm, [PROMPTS[2], PROMPTS[0]], n, temperature=1.0, top_p=0.9, generator=gens(12, 10), num_samples=K)
+    alone = G.generate(lm, PROMPTS[:1], n, temperature=1.0, top_p=0.9, generator=gens(10), num_samples=K)
     assert a[:K] == b[K:] == alone
     assert len({tuple(s) for s in alone}) > 1  # the K rows of a prompt draw different numbers
-    assert M.generate(lm, PROMPTS[:1], n, temperature=1.0, generator=gens(13), num_samples=K) != alone
+    assert G.generate(lm, PROMPTS[:1], n, temperature=1.0, generator=gens(13), num_samples=K) != alone
     with pytest.raises(ValueError, match="one per prompt"):
-        M.generate(lm, PROMPTS[:2], n, temperature=1.0, generator=gens(1))
+        G.generate(lm, PROMPTS[:2], n, temperature=1.0, generator=gens(1))
 
 
 # -----------------------------------------------------------------------------
@@ -326,9 +307,9 @@ def test_stop_token_ids_from_generation_config(tmp_path):
         json.dump({"bos_token_id": BOS, "eos_token_id": [EOS, 7], "pad_token_id": PAD}, f)
     assert json.load(open(os.path.join(d, "config.json")))["eos_token_id"] == EOS
     assert GenerationConfig.from_pretrained(d).eos_token_id == [EOS, 7]
-    assert M.load_model(d).config.stop_token_ids == [EOS, 7]
+    assert C.load_model(d).config.stop_token_ids == [EOS, 7]
     os.remove(os.path.join(d, "generation_config.json"))
-    assert M.load_model(d).config.stop_token_ids == [EOS]
+    assert C.load_model(d).config.stop_token_ids == [EOS]
 
 
 # -----------------------------------------------------------------------------
@@ -355,7 +336,7 @@ def test_v4_config_layout(ckpts, tmp_path, family, scaling_key):
     shutil.copytree(src, d)
     cfg = to_v4_layout(d, scaling_key)
     assert "rope_parameters" not in cfg and "dtype" not in cfg and "rope_theta" in cfg
-    ours = M.load_model(d)
+    ours = C.load_model(d)
     ids = rand_ids(2, 60, seed=5)
     ref = hf_load(src)(ids).logits
     assert maxdiff(ours(ids), ref) <= LOGIT_TOL
@@ -367,9 +348,9 @@ def test_v4_linear_rope_scaling(tmp_path):
                         rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 4.0})
     ids = rand_ids(2, 50, seed=6)
     ref = hf_load(d)(ids).logits
-    assert maxdiff(M.load_model(d)(ids), ref) <= LOGIT_TOL
+    assert maxdiff(C.load_model(d)(ids), ref) <= LOGIT_TOL
     to_v4_layout(d, "type")
-    assert maxdiff(M.load_model(d)(ids), ref) <= LOGIT_TOL
+    assert maxdiff(C.load_model(d)(ids), ref) <= LOGIT_TOL
     # the scaling matters: without it the logits differ
     plain = make_checkpoint(tmp_path / "plain", "llama", rope_parameters={"rope_type": "default", "rope_theta": 500.0})
     assert maxdiff(hf_load(plain)(ids).logits, ref) > 1e-2
@@ -386,7 +367,7 @@ def test_sharded_checkpoint(tmp_path, family, reward):
     assert sum(f.endswith(".safetensors") for f in files) >= 3
     ids = rand_ids(2, 16, seed=7)
     ref = hf_load(d, reward)(ids).logits
-    ours = M.load_model(d)(ids)
+    ours = C.load_model(d)(ids)
     assert maxdiff(ours, ref[:, 0] if reward else ref) <= LOGIT_TOL
 
 
@@ -412,12 +393,12 @@ def test_save_round_trip(ckpts, tmp_path, family):
     for name, text in DUMMY_FILES.items():
         with open(os.path.join(src, name), "w") as f:
             f.write(text)
-    ours = M.load_model(src)
+    ours = C.load_model(src)
     perturb_(ours, 1)  # save must write our current weights, not copy the source's
     if family == "llama_tied":
         assert ours.lm_head.weight is ours.decoder.tok_emb.weight
     d2 = str(tmp_path / "out")
-    M.save_model(ours, d2)
+    C.save_model(ours, d2)
     ids = rand_ids(3, 20, seed=8)
     hf = AutoModelForCausalLM.from_pretrained(d2, dtype=torch.float32).eval()
     assert maxdiff(hf(ids).logits, ours(ids)) <= 1e-5
@@ -429,18 +410,18 @@ def test_save_round_trip(ckpts, tmp_path, family):
     for k in set(a) - {"architectures", "dtype", "torch_dtype"}:
         assert a[k] == b[k], k
     # and our own loader reads it back
-    assert maxdiff(M.load_model(d2)(ids), ours(ids)) <= 1e-5
+    assert maxdiff(C.load_model(d2)(ids), ours(ids)) <= 1e-5
 
     # A reward model made from the LM saves as a *ForSequenceClassification transformers loads.
     rm = M.add_reward_head(ours)
     d3 = str(tmp_path / "rm")
-    M.save_model(rm, d3)
+    C.save_model(rm, d3)
     assert json.load(open(os.path.join(d3, "config.json")))["architectures"][0].endswith("ForSequenceClassification")
     hf_rm = AutoModelForSequenceClassification.from_pretrained(d3, dtype=torch.float32).eval()
     assert hf_rm.config.pad_token_id == PAD and hf_rm.config.num_labels == 1
     mask = torch.ones_like(ids)
     assert maxdiff(hf_rm(ids, attention_mask=mask).logits[:, 0], rm(ids, mask)) <= 1e-5
-    assert maxdiff(M.load_model(d3)(ids, mask), rm(ids, mask)) <= 1e-5
+    assert maxdiff(C.load_model(d3)(ids, mask), rm(ids, mask)) <= 1e-5
 
 
 def test_save_over_sharded_checkpoint(tmp_path):
@@ -448,12 +429,12 @@ def test_save_over_sharded_checkpoint(tmp_path):
     save_model explicitly allows) must not leave the old weights to be loaded back: transformers reads the
     new model.safetensors, and so must we."""
     d = make_checkpoint(tmp_path / "sh", "llama", max_shard_size="20KB")
-    ours = M.load_model(d)
+    ours = C.load_model(d)
     perturb_(ours, 2)
-    M.save_model(ours, d)
+    C.save_model(ours, d)
     ids = rand_ids(2, 12, seed=12)
     assert maxdiff(hf_load(d)(ids).logits, ours(ids)) <= 1e-5
-    assert maxdiff(M.load_model(d)(ids), ours(ids)) <= 1e-5, "load_model read the stale shards"
+    assert maxdiff(C.load_model(d)(ids), ours(ids)) <= 1e-5, "load_model read the stale shards"
 
 
 # -----------------------------------------------------------------------------
@@ -462,7 +443,7 @@ def test_save_over_sharded_checkpoint(tmp_path):
 @pytest.mark.parametrize("family", ["llama_tied", "gpt2"])
 def test_add_reward_head_leaves_lm_unchanged(ckpts, family):
     d = ckpts(family)
-    lm, hf = M.load_model(d), hf_load(d)
+    lm, hf = C.load_model(d), hf_load(d)
     before = {k: v.clone() for k, v in lm.state_dict().items()}
     rm = M.add_reward_head(lm)
     assert isinstance(rm, M.RewardModel) and rm.config.reward and not lm.config.reward
@@ -492,89 +473,83 @@ def one_line(excinfo, *needles):
         assert n in msg, f"{n!r} not in {msg!r}"
 
 
-def test_errors(ckpts, tmp_path):
-    missing = str(tmp_path / "nope")
-    with pytest.raises(FileNotFoundError) as e:
-        M.load_model(missing)
-    one_line(e, missing)
-
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    with pytest.raises(FileNotFoundError) as e:
-        M.load_model(str(empty))
-    one_line(e, "config.json")
-
-    def copy(name):
-        d = str(tmp_path / name)
-        shutil.copytree(ckpts("llama"), d)
-        return d
-
-    def with_config(name, **changes):
-        """A copy of the checkpoint whose config.json has these keys changed."""
-        d = copy(name)
+def _config(drop=(), **changes):
+    """An edit of a checkpoint folder: these keys of config.json changed, those in drop removed."""
+    def edit(d):
         cfg = json.load(open(os.path.join(d, "config.json")))
-        json.dump({**cfg, **changes}, open(os.path.join(d, "config.json"), "w"))
-        return d
+        cfg = {k: v for k, v in {**cfg, **changes}.items() if k not in drop}
+        json.dump(cfg, open(os.path.join(d, "config.json"), "w"))
+    return edit
 
-    def with_tensors(name, edit):
-        """A copy of the checkpoint whose tensors went through edit(state_dict) in place."""
-        d = copy(name)
+
+def _tensors(change):
+    """An edit of a checkpoint folder: its tensors go through change(state_dict) in place."""
+    def edit(d):
         st = os.path.join(d, "model.safetensors")
         sd = load_file(st)
-        edit(sd)
+        change(sd)
         save_file(sd, st, metadata={"format": "pt"})
-        return d
+    return edit
 
-    d = with_config("arch", architectures=["BertModel"])
-    with pytest.raises(ValueError) as e:
-        M.load_model(d)
-    one_line(e, "BertModel", "LlamaForCausalLM", "GPT2LMHeadModel", "Qwen3ForCausalLM")
 
-    d = copy("badjson")
-    with open(os.path.join(d, "config.json"), "w") as f:
-        f.write('{"architectures": ["LlamaForCausalLM"],')
-    with pytest.raises(ValueError) as e:
-        M.load_model(d)
-    one_line(e, "config.json", "JSON")
+def _write(name, text):
+    def edit(d):
+        with open(os.path.join(d, name), "w") as f:
+            f.write(text)
+    return edit
 
-    gone = "model.layers.1.mlp.up_proj.weight"
-    d = with_tensors("missing_tensor", lambda sd: sd.pop(gone))
-    with pytest.raises(ValueError) as e:
-        M.load_model(d)
-    one_line(e, gone, "missing")
 
-    bad = "model.layers.0.self_attn.k_proj.weight"
-    d = with_tensors("bad_shape", lambda sd: sd.update({bad: torch.zeros(sd[bad].shape[0] + 1, sd[bad].shape[1])}))
-    with pytest.raises(ValueError) as e:
-        M.load_model(d)
-    one_line(e, bad, "shape")
+GONE, BAD, EXTRA = "model.layers.1.mlp.up_proj.weight", "model.layers.0.self_attn.k_proj.weight", "model.layers.0.self_attn.extra.weight"
 
-    extra = "model.layers.0.self_attn.extra.weight"
-    d = with_tensors("extra_tensor", lambda sd: sd.update({extra: torch.zeros(2)}))
-    with pytest.raises(ValueError) as e:
-        M.load_model(d)
-    one_line(e, extra)
+# (edit of a copy of a good Llama checkpoint, the exception, a regex its one-line message must match)
+CHECKPOINT_ERRORS = {
+    "unknown architecture": (_config(architectures=["BertModel"]), ValueError,
+                             r"BertModel.*supported: .*LlamaForCausalLM.*Qwen3ForCausalLM.*GPT2LMHeadModel"),
+    "config not JSON": (_write("config.json", '{"architectures": ["LlamaForCausalLM"],'), ValueError,
+                        r"config .*config\.json is not valid JSON"),
+    "config lacks a key": (_config(drop=["hidden_size"]), ValueError, r"config\.json in .* lacks the key 'hidden_size'"),
+    "missing tensor": (_tensors(lambda sd: sd.pop(GONE)), ValueError, rf"missing tensor '{GONE}'"),
+    "wrong shape": (_tensors(lambda sd: sd.update({BAD: torch.zeros(sd[BAD].shape[0] + 1, sd[BAD].shape[1])})),
+                    ValueError, rf"tensor '{BAD}' .* has shape \(33, 64\), expected \(32, 64\)"),
+    "unexpected tensor": (_tensors(lambda sd: sd.update({EXTRA: torch.zeros(2)})), ValueError,
+                          rf"does not use: \['{EXTRA}'\]"),
+    "no weights": (lambda d: os.remove(os.path.join(d, "model.safetensors")), FileNotFoundError,
+                   r"no model\.safetensors or model\.safetensors\.index\.json in"),
+    "two labels": (_config(architectures=["LlamaForSequenceClassification"], id2label={"0": "a", "1": "b"}),
+                   ValueError, r"with 2 labels is not a reward model; expected num_labels 1"),
+}
 
-    d = copy("no_weights")
-    os.remove(os.path.join(d, "model.safetensors"))
-    with pytest.raises(FileNotFoundError) as e:
-        M.load_model(d)
-    one_line(e, "model.safetensors")
 
-    d = with_config("two_labels", architectures=["LlamaForSequenceClassification"], id2label={"0": "a", "1": "b"})
-    with pytest.raises(ValueError) as e:
-        M.load_model(d)
-    one_line(e, "label")
+@pytest.mark.parametrize("case", list(CHECKPOINT_ERRORS))
+def test_checkpoint_errors(ckpts, tmp_path, case):
+    edit, error, message = CHECKPOINT_ERRORS[case]
+    d = str(tmp_path / "ckpt")
+    shutil.copytree(ckpts("llama"), d)
+    edit(d)
+    with pytest.raises(error, match=message) as e:
+        C.load_model(d)
+    assert "\n" not in str(e.value)
 
-    lm = M.load_model(ckpts("llama"))
-    with pytest.raises(ValueError):
-        M.generate(lm, [], 4)
-    with pytest.raises(ValueError):
-        M.generate(lm, [[5], []], 4)
-    with pytest.raises(ValueError):
-        M.generate(lm, [[5]], 0)
-    with pytest.raises(ValueError):
-        M.add_lora(lm, 0)
+
+@pytest.mark.parametrize("folder, message", [("nope", r"checkpoint folder .*nope does not exist"),
+                                             ("empty", r"no config\.json in .*empty: not a Hugging Face checkpoint")])
+def test_not_a_checkpoint_folder(tmp_path, folder, message):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=message):
+        C.load_model(str(tmp_path / folder))
+
+
+@pytest.mark.parametrize("prompts, n, message", [([], 4, "non-empty list of non-empty prompts"),
+                                                 ([[5], []], 4, "non-empty list of non-empty prompts"),
+                                                 ([[5]], 0, "max_new_tokens and num_samples must be >= 1, got 0 and 1")])
+def test_generate_errors(llama_lm, prompts, n, message):
+    with pytest.raises(ValueError, match=message):
+        G.generate(llama_lm, prompts, n)
+
+
+def test_lora_rank_error(llama_lm):
+    with pytest.raises(ValueError, match="LoRA rank must be >= 1, got 0"):
+        M.add_lora(llama_lm, 0)
 
 
 # -----------------------------------------------------------------------------
@@ -597,7 +572,7 @@ def randomize_lora_b_(m, seed=0):
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_lora_zero_init_and_merge(ckpts, tmp_path, family):
     d = ckpts(family)
-    lm, hf = M.load_model(d), hf_load(d)
+    lm, hf = C.load_model(d), hf_load(d)
     ids = rand_ids(2, 16, seed=11)
     base = lm(ids)
     M.add_lora(lm, rank=4, alpha=8)
@@ -612,7 +587,7 @@ def test_lora_zero_init_and_merge(ckpts, tmp_path, family):
     adapted = lm(ids)
     assert maxdiff(adapted, base) > 1e-2  # the adapter has an effect
     # Saving an unmerged adapter writes the merged weights, which transformers reads as such.
-    M.save_model(lm, str(tmp_path / "saved"))
+    C.save_model(lm, str(tmp_path / "saved"))
     assert maxdiff(hf_load(str(tmp_path / "saved"))(ids).logits, adapted) <= 1e-5
     M.merge_lora(lm)
     assert not lora_params(lm)
@@ -621,29 +596,29 @@ def test_lora_zero_init_and_merge(ckpts, tmp_path, family):
 
 
 def test_lora_reward_model_trainable_params(ckpts):
-    rm = M.load_model(ckpts("qwen2", reward=True))
+    rm = C.load_model(ckpts("qwen2", reward=True))
     M.add_lora(rm, rank=2)
     trainable = {n for n, p in rm.named_parameters() if p.requires_grad}
     assert trainable == {n for n, _ in lora_params(rm)} | {"score.weight"}
 
 
 def test_generate_uses_updated_weights(ckpts):
-    lm = M.load_model(ckpts("qwen2"))
+    lm = C.load_model(ckpts("qwen2"))
     n = 8
-    before = M.generate(lm, PROMPTS, n)
+    before = G.generate(lm, PROMPTS, n)
     # a LoRA update, merged
     M.add_lora(lm, rank=4)
     randomize_lora_b_(lm, seed=3)
-    with_adapter = M.generate(lm, PROMPTS, n)
+    with_adapter = G.generate(lm, PROMPTS, n)
     assert with_adapter != before
     for p, o in zip(PROMPTS, with_adapter):
         assert o == uncached_greedy(lm, p, n)[0]
     M.merge_lora(lm)
-    assert M.generate(lm, PROMPTS, n) == with_adapter
+    assert G.generate(lm, PROMPTS, n) == with_adapter
     # a manual in-place update of a base weight
     with torch.no_grad():
         lm.decoder.blocks[1].mlp.down.weight.mul_(-3.0)
-    after = M.generate(lm, PROMPTS, n)
+    after = G.generate(lm, PROMPTS, n)
     assert after != with_adapter
     for p, o in zip(PROMPTS, after):
         assert o == uncached_greedy(lm, p, n)[0]
@@ -654,7 +629,7 @@ def test_generate_uses_updated_weights(ckpts):
 
 def test_kv_cache_sized_to_need(tmp_path, monkeypatch):
     d = make_checkpoint(tmp_path / "long", "llama", max_position_embeddings=8192)
-    lm = M.load_model(d)
+    lm = C.load_model(d)
     assert lm.config.max_positions == 8192
     made = []
 
@@ -664,12 +639,10 @@ def test_kv_cache_sized_to_need(tmp_path, monkeypatch):
             super().__init__(cfg, B, S, device, dtype)
             self.shape = tuple(self.k.shape)
 
-    monkeypatch.setattr(M, "KVCache", Recording)
+    monkeypatch.setattr(G, "KVCache", Recording)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
-    t0 = time.perf_counter()
-    out = M.generate(lm, prompts, 4)
-    assert time.perf_counter() - t0 < 5
-    assert made == [(2, 5 + 4)]
+    out = G.generate(lm, prompts, 4)
+    assert made == [(2, 5 + 4)]  # the longest prompt plus the new tokens, not the 8192 positions
     assert [len(o) for o in out] == [4, 4]
     hf = hf_load(d)
     for p, o in zip(prompts, out):
@@ -680,7 +653,7 @@ def test_context_limit(llama_lm):
     lm = llama_lm
     assert lm.config.max_positions == 128
     with pytest.raises(ValueError) as e:
-        M.generate(lm, [[5] * 120, [6] * 3], 9)
+        G.generate(lm, [[5] * 120, [6] * 3], 9)
     one_line(e, "128")
-    out = M.generate(lm, [[5] * 120, [6] * 3], 8)  # exactly fits
+    out = G.generate(lm, [[5] * 120, [6] * 3], 8)  # exactly fits
     assert [len(o) for o in out] == [8, 8]

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import checkpoint as C
+import generate as G
 import model as M
 from conftest import VOCAB, make_checkpoint, uncached_greedy
 
@@ -64,9 +66,9 @@ def plain_greedy(lm, prompt, n, monkeypatch):
 
 def check_sampling_uses_current_weights(lm, monkeypatch, n=6):
     """Greedy generate (batch of 3, batch of 1, and 2 samples per prompt) equals plain_greedy; returns it."""
-    batch = M.generate(lm, PROMPTS, n)
-    single = M.generate(lm, PROMPTS[1:2], n)
-    pairs = M.generate(lm, PROMPTS, n, num_samples=2)
+    batch = G.generate(lm, PROMPTS, n)
+    single = G.generate(lm, PROMPTS[1:2], n)
+    pairs = G.generate(lm, PROMPTS, n, num_samples=2)
     for i, p in enumerate(PROMPTS):
         ref, gaps = plain_greedy(lm, p, n, monkeypatch)
         upto = next((t for t, g in enumerate(gaps) if g < 1e-5), n)  # either token is right from a near-tie on
@@ -77,8 +79,8 @@ def check_sampling_uses_current_weights(lm, monkeypatch, n=6):
 
 
 def test_weight_updates_reach_sampling(tmp_path, monkeypatch):
-    lm = M.load_model(make_checkpoint(tmp_path / "a", "llama_tied", seed=0))
-    other = M.load_model(make_checkpoint(tmp_path / "b", "llama_tied", seed=1))
+    lm = C.load_model(make_checkpoint(tmp_path / "a", "llama_tied", seed=0))
+    other = C.load_model(make_checkpoint(tmp_path / "b", "llama_tied", seed=1))
     seen = [check_sampling_uses_current_weights(lm, monkeypatch)]
 
     def changed():
@@ -136,7 +138,7 @@ def test_sample_token_distribution(kw):
     logits = 1.5 * torch.randn(3, 8, generator=g)
     logits[2, 5] = float("-inf")  # a token that may never be drawn
     n = 40_000
-    draws = M.sample_token(logits.repeat(n, 1), generator=g, **kw).view(n, 3)  # (n, 3)
+    draws = G.sample_token(logits.repeat(n, 1), generator=g, **kw).view(n, 3)  # (n, 3)
     freq = torch.stack([torch.bincount(draws[:, r], minlength=8) for r in range(3)]).float() / n  # (3, V)
     p = expected_probs(logits, **kw)
     assert not ((p == 0) & (freq > 0)).any(), "drew a token of probability zero"
@@ -147,10 +149,10 @@ def test_sample_token_distribution(kw):
 def test_sample_token_keeps_at_least_the_top_token():
     logits = torch.tensor([[3.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
     g = torch.Generator().manual_seed(0)
-    assert M.sample_token(logits[:1].repeat(100, 1), 1.0, top_p=1e-6, generator=g).eq(0).all()
-    assert M.sample_token(logits[:1].repeat(100, 1), 1.0, top_k=1, generator=g).eq(0).all()
+    assert G.sample_token(logits[:1].repeat(100, 1), 1.0, top_p=1e-6, generator=g).eq(0).all()
+    assert G.sample_token(logits[:1].repeat(100, 1), 1.0, top_k=1, generator=g).eq(0).all()
     # a uniform row with top_p 0.5 keeps two of its four tokens (ties broken by the sort), never more
-    assert len(set(M.sample_token(logits[1:].repeat(2000, 1), 1.0, top_p=0.5, generator=g).tolist())) == 2
+    assert len(set(G.sample_token(logits[1:].repeat(2000, 1), 1.0, top_p=0.5, generator=g).tolist())) == 2
 
 
 @pytest.mark.parametrize("top_p", [0.3, 0.5, 0.9])
@@ -163,4 +165,4 @@ def test_nucleus_membership_equals_a_stable_sort(top_p):
     p, order = probs.sort(dim=-1, descending=True, stable=True)
     kept = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (p.cumsum(-1) - p) < top_p)  # (16, 50)
     for tok in range(probs.shape[1]):
-        assert torch.equal(M.in_nucleus(probs, torch.full((16,), tok), top_p), kept[:, tok]), tok
+        assert torch.equal(G.in_nucleus(probs, torch.full((16,), tok), top_p), kept[:, tok]), tok

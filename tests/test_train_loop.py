@@ -7,6 +7,8 @@ import torch
 import data
 import losses
 import model
+from checkpoint import config_from_hf
+from generate import generate
 import train_loop as TL
 from conftest import uncached_greedy
 
@@ -18,7 +20,7 @@ def tiny_lm(seed=0):
           "num_attention_heads": 4, "num_key_value_heads": 2, "intermediate_size": 64,
           "max_position_embeddings": 64, "eos_token_id": EOS, "pad_token_id": EOS}
     torch.manual_seed(seed)
-    return model.CausalLM(model.config_from_hf(hf))
+    return model.CausalLM(config_from_hf(hf))
 
 
 PAIRS = [([1, 5, 6, 7], [8, 9, EOS], [10, 11, 12, EOS]),
@@ -52,14 +54,17 @@ def test_response_logprobs_match_a_plain_loop_inside_a_padded_batch():
             assert abs(logp[i].item() - naive_logprob(lm, p, r)) < 1e-4, (side, i)
 
 
-def test_response_logprobs_agree_with_losses_sequence_logprobs():
+def test_output_layer_on_response_positions_only_equals_the_full_forward():
     lm = tiny_lm()
     batch = data.policy_batch([p for p, _, _ in PAIRS], [r for _, _, r in PAIRS], pad_id=EOS)
+    ids, resp = batch["input_ids"], batch["response_mask"]
     with torch.no_grad():
-        fast, _ = TL.response_logprobs(lm, batch)  # output layer on response positions only
-        full = losses.sequence_logprobs(lm(batch["input_ids"], batch["attention_mask"]), batch["input_ids"],
-                                        batch["response_mask"])
+        fast, n = TL.response_logprobs(lm, batch)  # output layer on response positions only
+        every = lm(ids, batch["attention_mask"])[:, :-1][resp[:, 1:].bool()]  # (N, V) out of the full (B, T, V)
+        full = losses.sequence_logprobs(every, ids, resp)
+        averaged, _ = TL.response_logprobs(lm, batch, average=True)
     assert torch.allclose(fast, full, atol=1e-5)
+    assert torch.allclose(averaged, full / n, atol=1e-6)
 
 
 def test_dpo_learns_the_pairs_and_starts_at_log_2():
@@ -136,9 +141,9 @@ def test_a_non_finite_gradient_changes_no_weight():
 def test_generate_uses_the_weights_after_a_training_step():
     lm = tiny_lm()
     prompts = [[1, 5, 6], [1, 7]]
-    before = model.generate(lm, prompts, 8)
+    before = generate(lm, prompts, 8)
     TL.train_sft(lm, [(p, [9, 9, 9, 9, 9, 9, 9, 9]) for p in prompts], EOS, quiet(lr=1e-2, epochs=30, batch_size=2))
-    after = model.generate(lm, prompts, 8)
+    after = generate(lm, prompts, 8)
     assert after != before
     # and it is the new weights' own greedy answer, step by step without a cache
     for p, a in zip(prompts, after):

@@ -1,13 +1,17 @@
 """End to end: one TS-Align run on tiny random Hugging Face checkpoints, resume, and the command-line errors."""
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
-import model
+import run
 import tsalign
+from checkpoint import load_model, save_model
 from conftest import argv, metrics
+from data import Pair
+from model import add_reward_head
 
 def without_seconds(rows):
     return [{k: v for k, v in m.items() if k != "seconds"} for m in rows]
@@ -37,7 +41,7 @@ def test_two_rounds_end_to_end(world, tmp_path):
         assert p["margin"] > 0
     # The saved policy loads in transformers and agrees with ours.
     import transformers
-    ours = model.load_model(str(out / "round_2" / "policy"), device="cpu")
+    ours = load_model(str(out / "round_2" / "policy"), device="cpu")
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out / "round_2" / "policy", dtype=torch.float32)
     ids = torch.tensor([[1, 5, 6, 7, 8]])
     with torch.no_grad():
@@ -54,8 +58,8 @@ def test_resume_equals_uninterrupted(world, tmp_path):
     tsalign.main(argv(world, part, "--rounds", "1"))
     tsalign.main(["--resume", "--out", str(part), "--rounds", "2"])  # saved options are reused
     assert without_seconds(metrics(full)) == without_seconds(metrics(part))
-    a = model.load_model(str(full / "round_2" / "policy"), device="cpu")
-    b = model.load_model(str(part / "round_2" / "policy"), device="cpu")
+    a = load_model(str(full / "round_2" / "policy"), device="cpu")
+    b = load_model(str(part / "round_2" / "policy"), device="cpu")
     for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(x, y), n
 
@@ -121,8 +125,45 @@ def test_one_round_variants(world, tmp_path, extra):
         assert m["teacher_calls_if_scoring_all"] == 12 * (K * (K - 1) if "--teacher-judge" in extra else K)
     else:
         assert 0 < n_teacher <= 2 * 12  # two per prompt that reached the teacher, either way
-    if m["pairs"]:
-        assert abs(m["dpo_first_loss"] - (0.6931 if "ipo" not in extra else 1 / (4 * 0.1 ** 2))) < 1e-2
-    # LoRA adapters were merged: the saved policy has only base weights, and it changed
-    saved = model.load_model(str(out / "round_1" / "policy"), device="cpu")
-    assert not any("lora" in n for n in saved.state_dict())
+    assert m["pairs"] > 0, "no pairs mined: nothing below is tested"
+    assert abs(m["dpo_first_loss"] - (0.6931 if "ipo" not in extra else 1 / (4 * 0.1 ** 2))) < 1e-2
+    # The policy learned, and what it learned was saved: with LoRA (base weights frozen) this holds only
+    # if the adapters were merged into the weights before saving.
+    saved = load_model(str(out / "round_1" / "policy"), device="cpu").state_dict()
+    start = load_model(world["policy"], device="cpu").state_dict()
+    assert saved.keys() == start.keys()
+    assert max((saved[k] - start[k]).abs().max() for k in saved) > 1e-4
+
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "run-5540fa7")
+
+
+def test_a_run_folder_written_before_the_redesign_still_resumes(world, tmp_path):
+    """tests/fixtures/run-5540fa7 holds the JSON files of a run that commit 5540fa7 (before the code was
+    reshaped into its present modules) wrote with `argv(world, out, "--rounds", "1")` on this tiny world,
+    its paths replaced by @WORLD and @OUT. Its checkpoints are not committed: stand-ins of the right kind
+    take their place. This code must resume it, read its pairs and base answers, and write records with
+    the same keys in the same order."""
+    out = tmp_path / "run"
+    shutil.copytree(FIXTURE, out)
+    cfg = (out / "config.json").read_text().replace("@WORLD", str(world["root"])).replace("@OUT", str(out))
+    (out / "config.json").write_text(cfg)
+    shutil.copytree(world["policy"], out / "round_1" / "policy")
+    student = add_reward_head(load_model(world["student"], device="cpu"))
+    for r in (0, 1):
+        save_model(student, str(out / f"round_{r}" / "student"))
+    before = metrics(out)
+    tsalign.main(["--resume", "--out", str(out), "--rounds", "2"])
+    rows = metrics(out)
+    assert [m["round"] for m in rows] == [0, 1, 2] and rows[:2] == before  # the old rounds are untouched
+    assert rows[2]["pairs"] > 0
+    # Old records read back and written again are the same JSON, key for key, in the same order.
+    old_pairs = (out / "round_1" / "pairs.jsonl").read_text().splitlines()
+    assert [json.dumps(Pair(**p).to_json()) for p in run.read_json(str(out / "round_1" / "pairs.jsonl"), lines=True)] == old_pairs
+    base = json.loads((out / "round_0" / "base_eval.json").read_text())
+    answers, agree, warm = run.load_base(str(out))
+    assert [p.to_json() for p in agree] == base["agreement_pairs"] and [p.to_json() for p in warm] == base["warmup_pairs"]
+    assert [list(p.to_json()) for p in agree] == [list(p) for p in base["agreement_pairs"]]
+    assert [g.__dict__ for g, _ in answers] == base["greedy"]
+    new_pairs = [json.loads(line) for line in (out / "round_2" / "pairs.jsonl").read_text().splitlines()]
+    assert {tuple(p) for p in new_pairs} == {tuple(json.loads(old_pairs[0]))}  # today's keys, today's order

@@ -1,0 +1,296 @@
+"""
+Hugging Face checkpoints in and out: config.json -> ModelConfig, safetensors -> our weights, and back.
+
+A checkpoint folder holds config.json, the weights (model.safetensors, or shards listed by an index) and
+the tokenizer files. Loading builds our model from the config (never guessing from a folder name), then
+copies every tensor through one name table per layout, checking that nothing is missing, unexpected or
+mis-shaped. Saving walks the same table backwards, so a saved folder loads in transformers.
+"""
+import json
+import os
+import shutil
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from model import CausalLM, ModelConfig, RewardModel, merged_weight
+
+# ---- config.json -> ModelConfig ------------------------------------------------------------------
+
+# architectures entry -> (family, is a reward model). A reward model is a *ForSequenceClassification
+# checkpoint with one label: its `score` head gives one scalar per sequence.
+ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", False), "LlamaForSequenceClassification": ("llama", True),
+    "MistralForCausalLM": ("mistral", False), "MistralForSequenceClassification": ("mistral", True),
+    "Qwen2ForCausalLM": ("qwen2", False), "Qwen2ForSequenceClassification": ("qwen2", True),
+    "Qwen3ForCausalLM": ("qwen3", False), "Qwen3ForSequenceClassification": ("qwen3", True),
+    "GPT2LMHeadModel": ("gpt2", False), "GPT2ForSequenceClassification": ("gpt2", True),
+}
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+
+
+def _as_list(x):
+    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+def config_from_hf(hf, generation=None, source=None):
+    """Our config from a config.json dict (transformers 4.x or 5.x layout) and generation_config.json."""
+    archs = hf.get("architectures") or []
+    arch = next((a for a in archs if a in ARCHITECTURES), None)
+    if arch is None:
+        raise ValueError(f"unsupported architectures {archs} in config.json; supported: {', '.join(ARCHITECTURES)}")
+    family, reward = ARCHITECTURES[arch]
+    if reward:
+        n_labels = hf.get("num_labels", len(hf.get("id2label") or {"0": 0}))
+        if n_labels != 1:
+            raise ValueError(f"{arch} with {n_labels} labels is not a reward model; expected num_labels 1")
+    # Stop ids: config.json's eos_token_id, plus generation_config.json's (instruct models such as
+    # Llama-3 and Qwen2.5 keep their end-of-turn id only there).
+    stops = list(dict.fromkeys(_as_list(hf.get("eos_token_id")) + _as_list((generation or {}).get("eos_token_id"))))
+    common = dict(arch=arch, family=family, reward=reward, vocab_size=hf["vocab_size"], stop_token_ids=stops,
+                  bos_token_id=hf.get("bos_token_id"), pad_token_id=hf.get("pad_token_id"), hf=hf, source=source)
+    if family == "gpt2":
+        C = hf["n_embd"]
+        return ModelConfig(**common, n_layer=hf["n_layer"], n_head=hf["n_head"], n_kv_head=hf["n_head"],
+                           n_embd=C, head_dim=C // hf["n_head"], n_inner=hf.get("n_inner") or 4 * C,
+                           max_positions=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+                           act=_activation(hf.get("activation_function", "gelu_new")), gpt2=True,
+                           qkv_bias=True, o_bias=True, mlp_bias=True,
+                           tie_embeddings=hf.get("tie_word_embeddings", True))
+    C, H = hf["hidden_size"], hf["num_attention_heads"]
+    # RoPE: transformers 5.x writes rope_parameters {rope_type, rope_theta, ...}; 4.x writes rope_theta at
+    # the top level and rope_scaling {type or rope_type, ...} (or null).
+    rope = dict(hf.get("rope_parameters") or {})
+    theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = rope or dict(hf.get("rope_scaling") or {})
+    kind = scaling.get("rope_type", scaling.get("type", "default"))
+    if kind not in ("default", "linear", "llama3"):
+        raise ValueError(f"unsupported rope type {kind!r} in config.json; supported: default, linear, llama3")
+    max_pos = hf.get("max_position_embeddings", 2048)
+    # Sliding-window attention is not implemented, so a model that uses it may only see sequences that
+    # fit in one window, where it is exactly full attention.
+    window = hf.get("sliding_window") if hf.get("use_sliding_window", family == "mistral") else None
+    if window:
+        max_pos = min(max_pos, window)
+    attn_bias = hf.get("attention_bias", False)
+    return ModelConfig(**common, n_layer=hf["num_hidden_layers"], n_head=H,
+                       n_kv_head=hf.get("num_key_value_heads") or H, n_embd=C,
+                       head_dim=hf.get("head_dim") or C // H, n_inner=hf["intermediate_size"],
+                       max_positions=max_pos, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       act=_activation(hf.get("hidden_act", "silu")),
+                       qkv_bias=True if family == "qwen2" else attn_bias,
+                       o_bias=False if family == "qwen2" else attn_bias,
+                       mlp_bias=hf.get("mlp_bias", False), qk_norm=family == "qwen3",
+                       tie_embeddings=hf.get("tie_word_embeddings", False), rope_theta=float(theta),
+                       rope_scaling=None if kind == "default" else {**scaling, "rope_type": kind})
+
+
+def _activation(name):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r} in config.json; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+# ---- The name table: our module names -> Hugging Face's, one literal dict per layout -------------
+
+# {i} is the layer index. A module's .weight and .bias map to the Hugging Face module's .weight and
+# .bias. A plain name is copied as it is; ("T", name) is GPT-2's Conv1D, which stores its weight
+# transposed, (in, out); ("qkv", j, name) is part j of GPT-2's fused q/k/v Conv1D (split on load, joined
+# on save). Modules a config does not have (biases, Qwen3's q/k norms) are simply not in our model.
+LLAMA_NAMES = {  # Llama, Mistral, Qwen2, Qwen3
+    "decoder.tok_emb": "model.embed_tokens",
+    "decoder.blocks.{i}.attn_norm": "model.layers.{i}.input_layernorm",
+    "decoder.blocks.{i}.attn.q": "model.layers.{i}.self_attn.q_proj",
+    "decoder.blocks.{i}.attn.k": "model.layers.{i}.self_attn.k_proj",
+    "decoder.blocks.{i}.attn.v": "model.layers.{i}.self_attn.v_proj",
+    "decoder.blocks.{i}.attn.q_norm": "model.layers.{i}.self_attn.q_norm",
+    "decoder.blocks.{i}.attn.k_norm": "model.layers.{i}.self_attn.k_norm",
+    "decoder.blocks.{i}.attn.o": "model.layers.{i}.self_attn.o_proj",
+    "decoder.blocks.{i}.mlp_norm": "model.layers.{i}.post_attention_layernorm",
+    "decoder.blocks.{i}.mlp.gate": "model.layers.{i}.mlp.gate_proj",
+    "decoder.blocks.{i}.mlp.up": "model.layers.{i}.mlp.up_proj",
+    "decoder.blocks.{i}.mlp.down": "model.layers.{i}.mlp.down_proj",
+    "decoder.norm": "model.norm",
+    "lm_head": "lm_head",
+    "score": "score",
+}
+GPT2_NAMES = {
+    "decoder.tok_emb": "transformer.wte",
+    "decoder.pos_emb": "transformer.wpe",
+    "decoder.blocks.{i}.attn_norm": "transformer.h.{i}.ln_1",
+    "decoder.blocks.{i}.attn.q": ("qkv", 0, "transformer.h.{i}.attn.c_attn"),
+    "decoder.blocks.{i}.attn.k": ("qkv", 1, "transformer.h.{i}.attn.c_attn"),
+    "decoder.blocks.{i}.attn.v": ("qkv", 2, "transformer.h.{i}.attn.c_attn"),
+    "decoder.blocks.{i}.attn.o": ("T", "transformer.h.{i}.attn.c_proj"),
+    "decoder.blocks.{i}.mlp_norm": "transformer.h.{i}.ln_2",
+    "decoder.blocks.{i}.mlp.up": ("T", "transformer.h.{i}.mlp.c_fc"),
+    "decoder.blocks.{i}.mlp.down": ("T", "transformer.h.{i}.mlp.c_proj"),
+    "decoder.norm": "transformer.ln_f",
+    "lm_head": "lm_head",
+    "score": "score",
+}
+
+# Saved by some transformers versions, but not weights: GPT-2's causal-mask buffers, cached RoPE tables.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+
+
+def hf_names(model):
+    """Each of our parameter names -> (its Hugging Face tensor name, how): how is None (copy), ("T",) or
+    ("qkv", j), as in the tables above."""
+    table = {}
+    for ours, theirs in (GPT2_NAMES if model.config.gpt2 else LLAMA_NAMES).items():
+        how, theirs = (None, theirs) if isinstance(theirs, str) else (theirs[:-1], theirs[-1])
+        for i in range(model.config.n_layer) if "{i}" in ours else [None]:
+            table[ours.format(i=i)] = (theirs.format(i=i), how)
+    modules = {name: name.rsplit(".", 1) for name in own_params(model)}  # name -> (module, weight or bias)
+    return {name: (f"{table[m][0]}.{suffix}", table[m][1]) for name, (m, suffix) in modules.items()}
+
+
+def own_params(m):
+    """Our model's weights by name (LoRA adapters excluded; a tied output layer appears once)."""
+    sd = m.state_dict()
+    if m.config.tie_embeddings and not m.config.reward:
+        sd.pop("lm_head.weight")
+    return {k: v for k, v in sd.items() if ".lora_" not in k}
+
+
+# ---- Loading -------------------------------------------------------------------------------------
+
+def _read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
+
+
+def _weight_files(path):
+    """Hugging Face name -> the safetensors file holding it (one file, or shards listed by an index)."""
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(index):
+        files = {k: os.path.join(path, f) for k, f in _read_json(index, "weight index")["weight_map"].items()}
+        for f in set(files.values()):
+            if not os.path.exists(f):
+                raise FileNotFoundError(f"weight shard {f} listed in {index} does not exist")
+        return files
+    single = os.path.join(path, "model.safetensors")
+    if not os.path.exists(single):
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+    with safe_open(single, framework="pt") as f:
+        return {k: single for k in f.keys()}
+
+
+def default_dtype(hf, device):
+    """float32 on CPU (bf16 matmuls are hundreds of times slower there); the checkpoint's dtype elsewhere."""
+    return torch.float32 if device.type == "cpu" else getattr(torch, hf.get("dtype") or hf.get("torch_dtype") or "float32")
+
+
+def read_config(path):
+    """The ModelConfig of a checkpoint folder, from its config.json (and generation_config.json)."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist")
+    if not os.path.exists(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"no config.json in {path}: not a Hugging Face checkpoint folder")
+    hf = _read_json(os.path.join(path, "config.json"), "config")
+    gen_path = os.path.join(path, "generation_config.json")
+    gen = _read_json(gen_path, "generation config") if os.path.exists(gen_path) else None
+    try:
+        return config_from_hf(hf, gen, source=os.path.abspath(path))
+    except KeyError as e:
+        raise ValueError(f"config.json in {path} lacks the key {e.args[0]!r}") from None
+
+
+def load_model(path, device=None, dtype=None):
+    """Load a Hugging Face checkpoint folder as a CausalLM or a RewardModel (eval mode)."""
+    cfg = read_config(path)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = dtype or default_dtype(cfg.hf, device)
+    with torch.device("meta"):  # no time spent on a random init that the checkpoint overwrites
+        model = (RewardModel if cfg.reward else CausalLM)(cfg)
+    model = model.to_empty(device=device).to(dtype)
+    if not cfg.reward:
+        model.tie_weights()  # to_empty makes a fresh tensor per module, so tie again
+    load_weights(model, path)
+    return model.eval()
+
+
+def load_weights(model, path):
+    """Copy every weight from the checkpoint into model; any missing, unexpected or mis-shaped tensor is an error."""
+    files = _weight_files(path)
+    names = hf_names(model)
+    used, handles = set(), {}
+
+    def read(name):
+        f = files[name]
+        if f not in handles:
+            handles[f] = safe_open(f, framework="pt")
+        try:
+            return handles[f].get_tensor(name)
+        except Exception:  # an index that names a tensor its shard does not hold
+            raise ValueError(f"{f} does not contain tensor {name!r}") from None
+
+    with torch.no_grad():
+        for name, param in own_params(model).items():
+            theirs, how = names[name]
+            if theirs not in files:
+                raise ValueError(f"checkpoint {path} is missing tensor {theirs!r} (for {name})")
+            w = read(theirs)
+            if how is not None:  # GPT-2's Conv1D: (in, out), perhaps q, k and v side by side
+                w = w.chunk(3, dim=-1)[how[1]] if how[0] == "qkv" else w
+                w = w.t() if w.dim() == 2 else w
+            if tuple(w.shape) != tuple(param.shape):
+                raise ValueError(f"tensor {theirs!r} in {path} has shape {tuple(w.shape)}, expected {tuple(param.shape)}")
+            param.copy_(w)
+            used.add(theirs)
+    skip = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    unexpected = [k for k in files if k not in used and k not in skip and not k.endswith(IGNORED_SUFFIXES)]
+    if unexpected:
+        raise ValueError(f"checkpoint {path} has tensors this {model.config.arch} does not use: {unexpected[:5]}")
+
+
+# ---- Saving, in the same Hugging Face format -----------------------------------------------------
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def hf_state_dict(model):
+    """Our weights under Hugging Face names, LoRA merged in, in the model's dtype."""
+    names = hf_names(model)
+    out, qkv = {}, {}
+    for name, w in own_params(model).items():
+        w = merged_weight(model.get_submodule(name.rsplit(".", 1)[0]), name, w).detach()
+        theirs, how = names[name]
+        if how is None:
+            out[theirs] = w
+        elif how[0] == "T":
+            out[theirs] = w.t() if w.dim() == 2 else w
+        else:
+            qkv.setdefault(theirs, [None] * 3)[how[1]] = w.t() if w.dim() == 2 else w
+    for theirs, parts in qkv.items():
+        out[theirs] = torch.cat(parts, dim=-1)
+    return {k: v.contiguous().cpu() for k, v in out.items()}
+
+
+def save_model(model, path):
+    """Write config.json, model.safetensors and the source checkpoint's tokenizer files into path."""
+    cfg = model.config
+    os.makedirs(path, exist_ok=True)
+    dtype = next(model.parameters()).dtype
+    hf = dict(cfg.hf)
+    hf["architectures"] = [cfg.arch]
+    hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = str(dtype).removeprefix("torch.")
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(hf, f, indent=2, sort_keys=True)
+    # Old weights in the folder (a sharded checkpoint's index and shards) would shadow the new file on load.
+    for name in os.listdir(path):
+        if name == "model.safetensors.index.json" or (name.startswith("model-") and name.endswith(".safetensors")):
+            os.remove(os.path.join(path, name))
+    save_file(hf_state_dict(model), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+    if cfg.source and os.path.abspath(cfg.source) != os.path.abspath(path):
+        for name in TOKENIZER_FILES:
+            src = os.path.join(cfg.source, name)
+            if os.path.exists(src):
+                shutil.copyfile(src, os.path.join(path, name))

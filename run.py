@@ -1,0 +1,279 @@
+"""
+Everything around the rounds: the options checked, the three models and the prompts set up, and the run
+folder, written so that an interrupted run loses at most the round in progress and `--resume` continues it.
+
+    runs/<date>-<time>/          (--out)
+      config.json                the resolved options (a resumed run must not change them)
+      metrics.jsonl              one JSON object per finished round, rebuilt after each one
+      round_0/                   base_eval.json: the base policy's held-out answers, the agreement pairs
+                                 and the warm-up pairs; student/ after a warm-up
+      round_N/                   policy/ and student/ (Hugging Face checkpoints), pairs.jsonl,
+                                 examples.json, metrics.json
+
+A round folder is written under a temporary name and renamed into place when complete: round_N is always
+whole. Only rank 0 writes (under torchrun every process runs the loop).
+"""
+import datetime
+import glob
+import json
+import os
+import random
+import shutil
+import sys
+from dataclasses import dataclass
+
+import torch
+
+import data
+import evaluate
+import train_loop
+from checkpoint import load_model, read_config, save_model
+from data import Pair, Sample
+from evaluate import load_scorer
+from model import CausalLM
+
+# ---- The options: ranges checked before any work -------------------------------------------------
+
+def say(*a, **kw):  # print, on rank 0 only (under torchrun every process runs the loop)
+    if train_loop.is_main():
+        print(*a, **kw)
+
+
+def fail(msg):  # a user's mistake: one line on stderr, exit status 2
+    print(f"tsalign: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def check(args):
+    """fail() on the first option out of range or missing; fill in the scorers' prompt formats."""
+    least = {"rounds": 1, "k": 2, **dict.fromkeys(("prompts_per_round", "max_new_tokens", "epochs", "batch_size",
+                                                   "student_epochs", "eval_count", "sample_batch"), 1)}
+    for name, low in least.items():
+        if getattr(args, name) < low:
+            fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
+    for name in ("beta", "lr", "student_lr", "temperature"):
+        if getattr(args, name) <= 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.label_smoothing < 0.5 or args.min_margin < 0 or args.student_margin < 0:
+        fail("need 0 <= --label-smoothing < 0.5, --min-margin >= 0 and --student-margin >= 0")
+    missing = [n for n in ("student", "teacher", "prompts", "prompt_format") if getattr(args, n) is None]
+    if args.policy is not None and missing:
+        fail(f"with --policy, also give {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    for name in ("prompt_format", "student_format", "teacher_format"):
+        if getattr(args, name) not in (None, *data.FORMATS):
+            fail(f"unknown prompt format {getattr(args, name)!r} for --{name.replace('_', '-')}; "
+                 f"known: {', '.join(data.FORMATS)}")
+    args.student_format = args.student_format or args.prompt_format
+    args.teacher_format = args.teacher_format or args.prompt_format
+
+
+# ---- Setup: the three models, the prompts, the evaluator -----------------------------------------
+
+@dataclass
+class Policy:
+    """The policy with what sampling text needs: its tokenizer, prompt format, stop ids and pad id."""
+    lm: CausalLM
+    tok: object    # its tokenizers.Tokenizer
+    fmt: str       # its prompt format (data.FORMATS)
+    stops: list    # every id that ends a response: the config's stop ids and the format's end of turn
+    pad: int
+
+    def encode(self, prompt):
+        return data.encode_prompt(self.tok, self.fmt, prompt)
+
+
+def load_policy(path, fmt, device=None):
+    """A causal LM checkpoint, its tokenizer and prompt format, as a Policy."""
+    lm = load_model(path, device)
+    if lm.config.reward:
+        raise ValueError(f"policy {path} is a reward model ({lm.config.arch}); it must be a causal LM")
+    tok = data.load_tokenizer(path)
+    data.check_format(tok, fmt)
+    end, stops = data.end_id(tok, fmt, lm.config), list(lm.config.stop_token_ids)
+    return Policy(lm, tok, fmt, stops + [end] if end not in stops else stops, data.pad_id(lm.config))
+
+
+@dataclass
+class Setup:
+    policy: Policy
+    student: evaluate.Scorer
+    teacher: evaluate.Scorer
+    evaluator: evaluate.Evaluator
+    base_dir: str               # the original policy's checkpoint
+    train_prompts: list | None  # None: the world draws fresh prompts every round
+    eval_prompts: list
+    device: str
+    world: object = None        # the world module, in the default world
+    oracle: object = None       # its oracle (plays the paper's GPT-4 judge; never a training signal)
+
+
+def setup(args, eval_seed):
+    """Load the three models (the world's, built on first use, or the checkpoints given), read and split
+    the prompts, and choose the judge of the win rate. Raises ValueError or FileNotFoundError."""
+    if args.policy is None:
+        import world
+        torch.set_num_threads(1)  # tiny models: two OpenMP threads would spin against each other
+        if train_loop.is_main():  # rank 0 builds the world if it is not cached; the others wait, then read it
+            world.ensure_world(args.rebuild_world)
+        train_loop.barrier()
+        dirs = [os.path.join(world.ensure_world(), n) for n in ("policy", "student", "teacher")]
+        rng, n = random.Random(eval_seed), args.eval_count
+        train, held = None, list(dict.fromkeys(world.random_prompt(rng) for _ in range(2 * n)))[:n]
+    else:
+        world, dirs = None, [args.policy, args.student, args.teacher]
+        train, held = data.split_prompts(data.read_prompts(args.prompts), args.eval_count, args.seed,
+                                         data.read_prompts(args.eval_prompts) if args.eval_prompts else None)
+    policy = load_policy(dirs[0], args.prompt_format, args.device)
+    student = load_scorer(dirs[1], args.student_format, args.device, reward_head=True)
+    teacher = load_scorer(dirs[2], args.teacher_format, args.device, args.teacher_judge, args.judge_min_mass)
+    if world is not None:
+        evaluator = evaluate.Evaluator("oracle", oracle=world.oracle)
+    elif args.judge:  # a reward model scores; a causal LM is asked to compare
+        evaluator = evaluate.Evaluator("judge", judge=load_scorer(args.judge, args.teacher_format, args.device,
+                                                                  not read_config(args.judge).reward, args.judge_min_mass))
+    else:
+        evaluator = evaluate.Evaluator("teacher", judge=teacher)
+    data.check_lengths(policy, [student, teacher], (train or []) + held, args.max_new_tokens)
+    return Setup(policy, student, teacher, evaluator, dirs[0], train, held, args.device, world,
+                 world.oracle if world else None)
+
+
+def round_prompts(S, n, seed):
+    """A round's prompts: a seeded draw from --prompts, or fresh ones from the world; never a held-out one."""
+    rng = random.Random(seed)
+    if S.world is None:
+        return rng.sample(S.train_prompts, min(n, len(S.train_prompts)))
+    held, out = set(S.eval_prompts), []
+    while len(out) < n:
+        p = S.world.random_prompt(rng)
+        if p not in held:
+            out.append(p)
+    return out
+
+# ---- Files, written atomically -------------------------------------------------------------------
+
+def write_json(path, obj, lines=False):
+    """obj as JSON (lines: a list, one object per line), written to a temporary file and renamed into place."""
+    with open(path + ".tmp", "w") as f:
+        f.write("".join(json.dumps(x) + "\n" for x in obj) if lines else json.dumps(obj, indent=1))
+    os.replace(path + ".tmp", path)
+
+
+def read_json(path, lines=False):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()] if lines else json.load(f)
+
+
+# ---- Rounds --------------------------------------------------------------------------------------
+
+def finished_rounds(out):
+    """Rounds whose folder was completed (a round folder appears only once everything in it is written)."""
+    return sorted(int(n.split("_")[1]) for n in os.listdir(out)
+                  if n.startswith("round_") and os.path.exists(os.path.join(out, n, "metrics.json")))
+
+
+def commit_round(out, r, write):
+    """Call write(folder) on a temporary folder, then rename it to round_r: a crash leaves no half round.
+    Then rebuild metrics.jsonl from every finished round."""
+    tmp = os.path.join(out, f".round_{r}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    write(tmp)
+    final = os.path.join(out, f"round_{r}")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    write_json(os.path.join(out, "metrics.jsonl"),
+               [read_json(os.path.join(out, f"round_{i}", "metrics.json")) for i in finished_rounds(out)], lines=True)
+
+
+def load_base(out):
+    """What save_round0 wrote: answers [(greedy Sample, [Sample])], agreement pairs, warm-up pairs."""
+    base = read_json(os.path.join(out, "round_0", "base_eval.json"))
+    answers = [(Sample(**g), [Sample(**s) for s in group]) for g, group in zip(base["greedy"], base["sampled"])]
+    return answers, [Pair(**p) for p in base["agreement_pairs"]], [Pair(**p) for p in base["warmup_pairs"]]
+
+
+def save_round(S, pairs, answers, metrics, folder):
+    """round_N: the policy and student checkpoints, pairs.jsonl (the format other preference-training tools
+    read, plus our margins and the policy's token ids), a few held-out answers, the metrics."""
+    save_model(S.policy.lm, os.path.join(folder, "policy"))
+    save_model(S.student.m, os.path.join(folder, "student"))
+    write_json(os.path.join(folder, "pairs.jsonl"), [p.to_json() for p in pairs], lines=True)
+    write_json(os.path.join(folder, "examples.json"),
+               [{"prompt": p, "response": g.text} for p, (g, _) in zip(S.eval_prompts[:5], answers)])
+    write_json(os.path.join(folder, "metrics.json"), metrics)
+
+
+def save_round0(S, answers, agreement_pairs, warmup_pairs, warmed, metrics, folder):
+    """round_0: base_eval.json (the base policy's held-out answers, the agreement and warm-up pairs), the
+    metrics, and with warmed the student after its warm-up."""
+    base = {"greedy": [g.__dict__ for g, _ in answers], "sampled": [[s.__dict__ for s in g] for _, g in answers],
+            "agreement_pairs": [p.to_json() for p in agreement_pairs], "warmup_pairs": [p.to_json() for p in warmup_pairs]}
+    write_json(os.path.join(folder, "base_eval.json"), base)
+    if warmed:
+        save_model(S.student.m, os.path.join(folder, "student"))
+    write_json(os.path.join(folder, "metrics.json"), metrics)
+
+
+def latest(out, last, name):
+    """The newest round folder up to `last` that holds name/ (a policy or a student), or None."""
+    return next((os.path.join(out, f"round_{i}", name) for i in range(last, -1, -1)
+                 if os.path.isdir(os.path.join(out, f"round_{i}", name))), None)
+
+
+# ---- Opening a run: a new folder, or the one to resume -------------------------------------------
+
+# Options that may differ on --resume without changing what the run computes.
+RESUME_FREE = ("rounds", "resume", "out", "rebuild_world", "device")
+
+
+def open_run(args, explicit):
+    """Set args.out to a new run folder, or to the one to resume, whose saved options then win (an
+    option given explicitly with another value is an error)."""
+    if args.resume and args.out is None:
+        runs = sorted(glob.glob(os.path.join("runs", "*", "config.json")))
+        if not runs:
+            fail("--resume: no run under runs/ to resume; give --out")
+        args.out = os.path.dirname(runs[-1])
+    if args.out is None:
+        args.out = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+        while os.path.exists(args.out):
+            args.out += "x"
+    cfg_path = os.path.join(args.out, "config.json")
+    if not args.resume:
+        if os.path.exists(cfg_path):
+            fail(f"{args.out} holds another run; use --resume to continue it or choose another --out")
+        os.makedirs(args.out, exist_ok=True)
+        return args
+    if not os.path.exists(cfg_path):
+        fail(f"--resume: {args.out} has no run to resume (no config.json)")
+    saved = read_json(cfg_path)
+    diff = [k for k in saved if k not in RESUME_FREE and k in explicit and getattr(args, k) != saved[k]]
+    if diff:
+        fail("--resume: options differ from the run being resumed: "
+             + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (run has {saved[k]})" for k in diff))
+    for k, v in saved.items():
+        if k not in RESUME_FREE:
+            setattr(args, k, v)
+    return args
+
+
+# ---- What a finished run prints ------------------------------------------------------------------
+
+def print_table(out):
+    rows = read_json(os.path.join(out, "metrics.jsonl"), lines=True)
+    print(f"\n{'round':>5} {'pairs':>6} {'teacher':>8} {'win(greedy)':>12} {'win(sampled)':>13} {'agreement':>10} "
+          f"{'dpo loss':>9} {'policy len':>10}")
+    for m in rows:
+        print(f"{m['round']:>5} {m.get('pairs', 0):>6} {m.get('teacher_calls', m.get('teacher_calls_warmup', 0)):>8} "
+              f"{m['win_rate_vs_base']:>12.3f} {m['win_rate_vs_base_sampled']:>13.3f} "
+              f"{m['student_teacher_agreement']:>10.3f} {m.get('dpo_loss', float('nan')):>9.4f} {m['policy_len']:>10.2f}")
+    print(f"(win rates judged by: {rows[-1]['win_rate_judge']}; ties count half)")
+
+
+def print_examples(out, base):
+    path = os.path.join(out, f"round_{max(finished_rounds(out))}", "examples.json")
+    if os.path.exists(path):
+        print("\nheld-out examples (base -> final):")
+        for (b, _), e in zip(base, read_json(path)):
+            print(f"  {e['prompt']!r}: {b.text!r} -> {e['response']!r}")
