@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from model import CausalLM, ModelConfig, RewardModel, merged_weight
+from model import CausalLM, ModelConfig, RewardModel, lora_delta
 
 # ---- config.json -> ModelConfig ------------------------------------------------------------------
 
@@ -95,22 +95,21 @@ def _activation(name):
 
 # ---- The name table: our module names -> Hugging Face's, one literal dict per layout -------------
 
-# {i} is the layer index. A module's .weight and .bias map to the Hugging Face module's .weight and
-# .bias. A plain name is copied as it is; ("T", name) is GPT-2's Conv1D, which stores its weight
-# transposed, (in, out); ("qkv", j, name) is part j of GPT-2's fused q/k/v Conv1D (split on load, joined
-# on save). Modules a config does not have (biases, Qwen3's q/k norms) are simply not in our model.
+# {i} is the layer index. A module's .weight and .bias map to the Hugging Face module's .weight and .bias.
+# A plain name is copied as it is; ("T", name) is GPT-2's Conv1D, which stores its weight transposed, (in,
+# out); ("cat", names...) is one of our fused projections: the Hugging Face tensors stacked along the output
+# dim on load, split by the module's `parts` on save (so saved checkpoints keep transformers' layout).
+# Modules a config does not have (biases, Qwen3's q/k norms) are simply not in our model.
 LLAMA_NAMES = {  # Llama, Mistral, Qwen2, Qwen3
     "decoder.tok_emb": "model.embed_tokens",
     "decoder.blocks.{i}.attn_norm": "model.layers.{i}.input_layernorm",
-    "decoder.blocks.{i}.attn.q": "model.layers.{i}.self_attn.q_proj",
-    "decoder.blocks.{i}.attn.k": "model.layers.{i}.self_attn.k_proj",
-    "decoder.blocks.{i}.attn.v": "model.layers.{i}.self_attn.v_proj",
+    "decoder.blocks.{i}.attn.qkv": ("cat", "model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
+                                    "model.layers.{i}.self_attn.v_proj"),
     "decoder.blocks.{i}.attn.q_norm": "model.layers.{i}.self_attn.q_norm",
     "decoder.blocks.{i}.attn.k_norm": "model.layers.{i}.self_attn.k_norm",
     "decoder.blocks.{i}.attn.o": "model.layers.{i}.self_attn.o_proj",
     "decoder.blocks.{i}.mlp_norm": "model.layers.{i}.post_attention_layernorm",
-    "decoder.blocks.{i}.mlp.gate": "model.layers.{i}.mlp.gate_proj",
-    "decoder.blocks.{i}.mlp.up": "model.layers.{i}.mlp.up_proj",
+    "decoder.blocks.{i}.mlp.gate_up": ("cat", "model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj"),
     "decoder.blocks.{i}.mlp.down": "model.layers.{i}.mlp.down_proj",
     "decoder.norm": "model.norm",
     "lm_head": "lm_head",
@@ -120,9 +119,7 @@ GPT2_NAMES = {
     "decoder.tok_emb": "transformer.wte",
     "decoder.pos_emb": "transformer.wpe",
     "decoder.blocks.{i}.attn_norm": "transformer.h.{i}.ln_1",
-    "decoder.blocks.{i}.attn.q": ("qkv", 0, "transformer.h.{i}.attn.c_attn"),
-    "decoder.blocks.{i}.attn.k": ("qkv", 1, "transformer.h.{i}.attn.c_attn"),
-    "decoder.blocks.{i}.attn.v": ("qkv", 2, "transformer.h.{i}.attn.c_attn"),
+    "decoder.blocks.{i}.attn.qkv": ("T", "transformer.h.{i}.attn.c_attn"),  # GPT-2 fuses q, k, v too
     "decoder.blocks.{i}.attn.o": ("T", "transformer.h.{i}.attn.c_proj"),
     "decoder.blocks.{i}.mlp_norm": "transformer.h.{i}.ln_2",
     "decoder.blocks.{i}.mlp.up": ("T", "transformer.h.{i}.mlp.c_fc"),
@@ -137,15 +134,15 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 
 def hf_names(model):
-    """Each of our parameter names -> (its Hugging Face tensor name, how): how is None (copy), ("T",) or
-    ("qkv", j), as in the tables above."""
+    """Each of our parameter names -> (its Hugging Face tensor names, how): how is None (copy), "T" or "cat",
+    as in the tables above."""
     table = {}
     for ours, theirs in (GPT2_NAMES if model.config.gpt2 else LLAMA_NAMES).items():
-        how, theirs = (None, theirs) if isinstance(theirs, str) else (theirs[:-1], theirs[-1])
+        how, theirs = (None, [theirs]) if isinstance(theirs, str) else (theirs[0], theirs[1:])
         for i in range(model.config.n_layer) if "{i}" in ours else [None]:
-            table[ours.format(i=i)] = (theirs.format(i=i), how)
+            table[ours.format(i=i)] = ([t.format(i=i) for t in theirs], how)
     modules = {name: name.rsplit(".", 1) for name in own_params(model)}  # name -> (module, weight or bias)
-    return {name: (f"{table[m][0]}.{suffix}", table[m][1]) for name, (m, suffix) in modules.items()}
+    return {name: ([f"{t}.{suffix}" for t in table[m][0]], table[m][1]) for name, (m, suffix) in modules.items()}
 
 
 def own_params(m):
@@ -234,16 +231,17 @@ def load_weights(model, path):
     with torch.no_grad():
         for name, param in own_params(model).items():
             theirs, how = names[name]
-            if theirs not in files:
-                raise ValueError(f"checkpoint {path} is missing tensor {theirs!r} (for {name})")
-            w = read(theirs)
-            if how is not None:  # GPT-2's Conv1D: (in, out), perhaps q, k and v side by side
-                w = w.chunk(3, dim=-1)[how[1]] if how[0] == "qkv" else w
-                w = w.t() if w.dim() == 2 else w
-            if tuple(w.shape) != tuple(param.shape):
-                raise ValueError(f"tensor {theirs!r} in {path} has shape {tuple(w.shape)}, expected {tuple(param.shape)}")
-            param.copy_(w)
-            used.add(theirs)
+            for t in theirs:
+                if t not in files:
+                    raise ValueError(f"checkpoint {path} is missing tensor {t!r} (for {name})")
+            ws = [read(t) for t in theirs]
+            ws = [w.t() if how == "T" and w.dim() == 2 else w for w in ws]  # GPT-2's Conv1D stores (in, out)
+            parts = model.get_submodule(name.rsplit(".", 1)[0]).parts if how == "cat" else [param.shape[0]]
+            for t, w, n in zip(theirs, ws, parts):
+                if tuple(w.shape) != (n, *param.shape[1:]):
+                    raise ValueError(f"tensor {t!r} in {path} has shape {tuple(w.shape)}, expected {(n, *param.shape[1:])}")
+            param.copy_(torch.cat(ws))  # "cat": the parts stacked along the output dim
+            used.update(theirs)
     skip = {"lm_head.weight"} if model.config.tie_embeddings else set()
     unexpected = [k for k in files if k not in used and k not in skip and not k.endswith(IGNORED_SUFFIXES)]
     if unexpected:
@@ -258,19 +256,14 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 def hf_state_dict(model):
     """Our weights under Hugging Face names, LoRA merged in, in the model's dtype."""
-    names = hf_names(model)
-    out, qkv = {}, {}
-    for name, w in own_params(model).items():
-        w = merged_weight(model.get_submodule(name.rsplit(".", 1)[0]), name, w).detach()
-        theirs, how = names[name]
-        if how is None:
-            out[theirs] = w
-        elif how[0] == "T":
-            out[theirs] = w.t() if w.dim() == 2 else w
-        else:
-            qkv.setdefault(theirs, [None] * 3)[how[1]] = w.t() if w.dim() == 2 else w
-    for theirs, parts in qkv.items():
-        out[theirs] = torch.cat(parts, dim=-1)
+    out = {}
+    for name, (theirs, how) in hf_names(model).items():
+        module = model.get_submodule(name.rsplit(".", 1)[0])
+        w = model.get_parameter(name).detach()
+        if name.endswith(".weight") and getattr(module, "lora_a", None) is not None:
+            w = w + lora_delta(module)
+        w = w.t() if how == "T" and w.dim() == 2 else w
+        out.update(zip(theirs, w.split(module.parts) if how == "cat" else [w]))
     return {k: v.contiguous().cpu() for k, v in out.items()}
 
 

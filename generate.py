@@ -2,8 +2,8 @@
 Sampling from a causal LM: a small pipeline on the last position's logits, and a batched loop with a KV cache.
 
 `sample_token` turns logits into next tokens (temperature 0: argmax; else temperature, top-k, top-p, one
-draw). `generate` left-pads many prompts to one length, fills the KV cache in one prefill, copies each
-prompt's cache rows K times for K samples, then decodes a token a step for every row until all stopped.
+draw). `generate` left-pads many prompts to one length, fills the KV cache in one prefill (for K samples,
+shared by the K rows of each prompt), then decodes a token a step for every row until all stopped.
 
 Shapes: B batch, V vocab, K samples per prompt, N = B * K rows after the prefill.
 """
@@ -127,10 +127,11 @@ def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
         ids[i, Tp - len(p):] = torch.tensor(p)
         mask[i, Tp - len(p):] = 1
     ids, mask, stops = ids.to(device), mask.to(device), stops.to(device)
-    cache = KVCache(cfg, len(prompts), Tp + max_new_tokens, device, next(lm.parameters()).dtype)
+    cache = KVCache(cfg, len(prompts), Tp + (max_new_tokens if num_samples == 1 else 0), device,
+                    next(lm.parameters()).dtype)
     logits = lm.logits(lm.decoder(ids, mask, cache)[:, -1])  # (B, V): the output layer on the last slot only
-    if num_samples > 1:  # one prefill per prompt, then K rows of it
-        cache.repeat_rows(num_samples)
+    if num_samples > 1:  # one prefill per prompt, shared by its K rows
+        cache.share_prefix(num_samples, max_new_tokens)
         logits = logits.repeat_interleave(num_samples, 0)
     N = logits.shape[0]
     tokens = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)

@@ -54,34 +54,20 @@ class ModelConfig:
 
 # ---- Building blocks -----------------------------------------------------------------------------
 
-# Decoding multiplies a few rows by each weight: on a 2-core AMD EPYC, W x^T was 1.2-2x faster than F.linear's
-# x W^T from 2 to 256 rows, and one row passed as two took MKL's matrix kernel on both cores. No weight is
-# copied, so nothing can go stale after an update.
-FEW_ROWS = 256
-
-
 class Linear(nn.Linear):
-    """nn.Linear with an optional low-rank adapter (LoRA, Hu et al. 2021): y = x W^T + b + s x A^T B^T."""
+    """nn.Linear that may fuse several projections (`parts`: their output sizes; q, k and v in one matrix is one
+    matrix product instead of three), with optional low-rank adapters (LoRA, Hu et al. 2021), one per part as
+    PEFT has one per projection: y = x W^T + b + s cat_j(x A_j^T B_j^T)."""
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.register_parameter("lora_a", None)  # (r, in) once added
-        self.register_parameter("lora_b", None)  # (out, r), zero at the start so the adapter begins as a no-op
+    def __init__(self, in_features, out_features, bias=True, parts=None):
+        super().__init__(in_features, out_features, bias=bias)
+        self.parts = tuple(parts or (out_features,))
+        self.lora_a = self.lora_b = None  # once added: ParameterLists of (r, in) and (out_j, r), one per part
 
     def forward(self, x):
-        rows = x.numel() // x.shape[-1]
-        if not 0 < rows <= FEW_ROWS:
-            y = F.linear(x, self.weight, self.bias)
-        else:  # see FEW_ROWS
-            if rows == 1:
-                y = (self.weight @ torch.cat([x, x]).view(2, -1).t())[:, 0]  # (out,): the first of 2 equal columns
-            else:
-                y = (self.weight @ x.reshape(rows, -1).t()).t().contiguous()  # (out, rows) -> (rows, out)
-            y = y.view(*x.shape[:-1], -1)
-            if self.bias is not None:
-                y = y + self.bias
+        y = F.linear(x, self.weight, self.bias)
         if self.lora_a is not None:
-            y = y + (x @ self.lora_a.t() @ self.lora_b.t()) * self.lora_scale
+            y = y + torch.cat([x @ a.t() @ b.t() for a, b in zip(self.lora_a, self.lora_b)], -1) * self.lora_scale
         return y
 
 
@@ -125,15 +111,15 @@ def rope_inv_freq(cfg, device):
 
 
 def rope_cos_sin(cfg, pos, dtype):
-    """cos and signed sin for integer positions pos (B, T) -> each (B, 1, T, D). Hugging Face's half-split
+    """cos and signed sin for integer positions pos (B, T) -> each (B, T, 1, D). Hugging Face's half-split
     layout (pairs are (i, i + D/2), not interleaved); the sin's first half carries the rotation's minus sign."""
     freqs = pos[..., None].float() * rope_inv_freq(cfg, pos.device)  # (B, T, D/2)
     cos, sin = freqs.cos(), freqs.sin()
-    return torch.cat([cos, cos], -1)[:, None].to(dtype), torch.cat([-sin, sin], -1)[:, None].to(dtype)
+    return torch.cat([cos, cos], -1)[:, :, None].to(dtype), torch.cat([-sin, sin], -1)[:, :, None].to(dtype)
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, H, T, D): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). A roll by D/2 swaps the halves
+    """Rotate x (B, T, H, D): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). A roll by D/2 swaps the halves
     and the signed sin gives the minus: bit for bit x * cos + cat(-x2, x1) * sin, in three ops, not six."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
@@ -143,9 +129,7 @@ class Attention(nn.Module):
         super().__init__()
         C, H, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
         self.cfg = cfg
-        self.q = Linear(C, H * D, bias=cfg.qkv_bias)
-        self.k = Linear(C, Hkv * D, bias=cfg.qkv_bias)
-        self.v = Linear(C, Hkv * D, bias=cfg.qkv_bias)
+        self.qkv = Linear(C, (H + 2 * Hkv) * D, bias=cfg.qkv_bias, parts=(H * D, Hkv * D, Hkv * D))
         self.o = Linear(H * D, C, bias=cfg.o_bias)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(D, cfg.norm_eps)
@@ -154,18 +138,23 @@ class Attention(nn.Module):
     def forward(self, x, rope, mask, cache=None, layer=0):
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, cfg.n_head, cfg.head_dim)      # (B, T, H, D)
-        k = self.k(x).view(B, T, cfg.n_kv_head, cfg.head_dim)   # (B, T, Hkv, D)
-        v = self.v(x).view(B, T, cfg.n_kv_head, cfg.head_dim)   # (B, T, Hkv, D)
+        H, Hkv = cfg.n_head, cfg.n_kv_head
+        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, cfg.head_dim)  # (B, T, H + 2 Hkv, D): q, k, v heads side by side
         if cfg.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or Hkv, T, D)
+            qk = torch.cat([self.q_norm(qkv[:, :, :H]), self.k_norm(qkv[:, :, H:H + Hkv])], 2)  # (B, T, H + Hkv, D)
+        else:
+            qk = qkv[:, :, :H + Hkv]
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:
-            k, v = cache.write(layer, k, v)  # (B, Hkv, S, D): every slot filled so far
-        # enable_gqa lets each group of H/Hkv query heads read its key/value head without copying it.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=cfg.n_kv_head != cfg.n_head)
+            qk = apply_rope(qk, *rope)  # q and k rotated in one go
+        q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)
+        if cache is not None and cache.prefix is not None:  # K samples of each prompt: see KVCache
+            y = cache.attend(layer, q, k, v)
+        else:
+            if cache is not None:
+                k, v = cache.write(layer, k, v)  # (B, Hkv, S, D): every slot filled so far
+            # enable_gqa lets each group of H/Hkv query heads read its key/value head without copying it.
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=cfg.n_kv_head != cfg.n_head)
         y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)  # (B, T, H*D)
         return self.o(y)
 
@@ -176,14 +165,17 @@ class MLP(nn.Module):
         C, I = cfg.n_embd, cfg.n_inner
         self.act = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}[cfg.act]
         self.gated = not cfg.gpt2
-        if self.gated:  # SwiGLU (Shazeer 2020): down(act(gate(x)) * up(x))
-            self.gate = Linear(C, I, bias=cfg.mlp_bias)
-        self.up = Linear(C, I, bias=cfg.mlp_bias)
+        if self.gated:  # SwiGLU (Shazeer 2020): down(act(gate(x)) * up(x)), gate and up in one matrix
+            self.gate_up = Linear(C, 2 * I, bias=cfg.mlp_bias, parts=(I, I))
+        else:
+            self.up = Linear(C, I, bias=cfg.mlp_bias)
         self.down = Linear(I, C, bias=cfg.mlp_bias)
 
     def forward(self, x):
-        h = self.act(self.gate(x)) * self.up(x) if self.gated else self.act(self.up(x))  # (B, T, I)
-        return self.down(h)
+        if self.gated:
+            gate, up = self.gate_up(x).chunk(2, dim=-1)  # (B, T, I) each
+            return self.down(self.act(gate) * up)
+        return self.down(self.act(self.up(x)))
 
 
 class Block(nn.Module):
@@ -206,27 +198,55 @@ class Block(nn.Module):
 class KVCache:
     """Preallocated keys and values for every layer, (B, Hkv, S, D) each, written by slot index. All rows
     share the slot index (prompts are left-padded to one length); `valid` marks the slots holding real
-    tokens, and `next_pos` is each row's next position (its count of real tokens so far)."""
+    tokens, and `next_pos` is each row's next position (its count of real tokens so far).
+
+    For K samples of each prompt, `share_prefix` keeps the prompts' keys and values once, as a prefix that
+    the K rows of a prompt all read, and gives every row fresh slots for its own new tokens: the prompt is
+    stored and read once instead of K times (most of what attention reads, when prompts are long)."""
 
     def __init__(self, cfg, B, S, device, dtype):
-        shape = (cfg.n_layer, B, cfg.n_kv_head, S, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.k = [torch.zeros(B, cfg.n_kv_head, S, cfg.head_dim, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros_like(k) for k in self.k]
         self.valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # (B, S)
         self.next_pos = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
-        self.filled = 0  # slots written so far (the same for every row)
+        self.filled = 0      # slots written so far (the same for every row)
+        self.prefix = None   # after share_prefix: the prompts' (keys, values) per layer and their valid slots
 
     def write(self, layer, k, v):
+        """Store this step's keys and values (B, Hkv, T, D); return every row's slots filled so far."""
         T = k.shape[2]
-        self.k[layer, :, :, self.filled:self.filled + T] = k
-        self.v[layer, :, :, self.filled:self.filled + T] = v
-        return self.k[layer, :, :, :self.filled + T], self.v[layer, :, :, :self.filled + T]
+        self.k[layer].narrow(2, self.filled, T).copy_(k)
+        self.v[layer].narrow(2, self.filled, T).copy_(v)
+        return self.k[layer].narrow(2, 0, self.filled + T), self.v[layer].narrow(2, 0, self.filled + T)
 
-    def repeat_rows(self, K):
-        """Each row becomes K consecutive rows (one prefill serves K samples of the same prompt)."""
-        self.k, self.v = self.k.repeat_interleave(K, 1), self.v.repeat_interleave(K, 1)
-        self.valid = self.valid.repeat_interleave(K, 0)
+    def share_prefix(self, K, S):
+        """After the prefill of B prompts: they become the shared prefix of B * K rows (prompt b's samples are
+        rows b*K .. b*K+K-1), each with S fresh slots."""
+        B, Hkv, _, D = self.k[0].shape
+        self.prefix = ([k.narrow(2, 0, self.filled) for k in self.k], [v.narrow(2, 0, self.filled) for v in self.v],
+                       self.valid[:, :self.filled], K)
+        self.k = [k.new_zeros(B * K, Hkv, S, D) for k in self.k]
+        self.v = [torch.zeros_like(k) for k in self.k]
+        self.valid = self.valid.new_zeros(B * K, S)
         self.next_pos = self.next_pos.repeat_interleave(K, 0)
+        self.filled = 0
+
+    def attend(self, layer, q, k, v):
+        """Attention of q (N, H, 1, D) over the shared prefix and each row's own keys: one softmax over both.
+        The K rows of a prompt read its prefix as K groups of query heads, so the prefix is never copied."""
+        k, v = self.write(layer, k, v)                                    # (N, Hkv, t, D): the rows' own
+        k_pre, v_pre, valid_pre, K = self.prefix[0][layer], self.prefix[1][layer], self.prefix[2], self.prefix[3]
+        N, H, _, D = q.shape
+        B, Hkv, Tp, _ = k_pre.shape
+        G = H // Hkv                                                      # query heads per key/value head
+        q = q.reshape(N, Hkv, G, D) * D ** -0.5
+        by_prompt = q.view(B, K, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, K * G, D)
+        s_pre = (by_prompt @ k_pre.transpose(2, 3)).masked_fill(~valid_pre[:, None, None], float("-inf"))
+        s_pre = s_pre.view(B, Hkv, K, G, Tp).transpose(1, 2).reshape(N, Hkv, G, Tp)  # (N, Hkv, G, Tp)
+        p = torch.cat([s_pre, q @ k.transpose(2, 3)], -1).softmax(-1)     # (N, Hkv, G, Tp + t)
+        p_pre = p[..., :Tp].reshape(B, K, Hkv, G, Tp).transpose(1, 2).reshape(B, Hkv, K * G, Tp)
+        y_pre = (p_pre @ v_pre).view(B, Hkv, K, G, D).transpose(1, 2).reshape(N, Hkv, G, D)
+        return (y_pre + p[..., Tp:] @ v).reshape(N, H, 1, D)
 
 
 def attention_mask_4d(valid, T):
@@ -269,7 +289,9 @@ class Decoder(nn.Module):
             x, rope = x + self.pos_emb(pos), None
         else:
             rope = rope_cos_sin(self.cfg, pos, x.dtype)
-        mask = attention_mask_4d(valid, T)
+        # With no padding (one sequence, or one being decoded), SDPA's own causal kernel needs no mask.
+        full = bool(valid.all()) and (cache is None or cache.filled == 0 or T == 1)
+        mask = None if full else attention_mask_4d(valid, T)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, cache, i)
         if cache is not None:
@@ -340,7 +362,7 @@ def add_reward_head(lm):
 
 # ---- LoRA: low-rank adapters on the attention and MLP projections (Hu et al. 2021) ---------------
 
-LORA_TARGETS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
+LORA_TARGETS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.up", "mlp.down")
 
 
 def lora_layers(model):
@@ -356,28 +378,28 @@ def add_lora(model, rank, alpha=None):
     alpha = float(alpha if alpha is not None else 2 * rank)
     model.requires_grad_(False)
     for lin in lora_layers(model):
-        w = lin.weight
-        lin.lora_a = nn.Parameter(torch.empty(rank, lin.in_features, device=w.device, dtype=w.dtype))
-        nn.init.kaiming_uniform_(lin.lora_a, a=math.sqrt(5))  # as nn.Linear initialises its weight
-        lin.lora_b = nn.Parameter(torch.zeros(lin.out_features, rank, device=w.device, dtype=w.dtype))
+        kw = dict(device=lin.weight.device, dtype=lin.weight.dtype)
+        lin.lora_a = nn.ParameterList(torch.empty(rank, lin.in_features, **kw) for _ in lin.parts)
+        for a in lin.lora_a:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear initialises its weight
+        lin.lora_b = nn.ParameterList(torch.zeros(n, rank, **kw) for n in lin.parts)
         lin.lora_scale = alpha / rank
     if isinstance(model, RewardModel):
         model.score.requires_grad_(True)
     return model
 
 
-def merged_weight(lin, name, w):
-    if name.endswith(".weight") and isinstance(lin, Linear) and lin.lora_a is not None:
-        return w + (lin.lora_b @ lin.lora_a) * lin.lora_scale
-    return w
+def lora_delta(lin):
+    """What lin's adapters add to its weight: s cat_j(B_j A_j), (out, in)."""
+    return torch.cat([b @ a for a, b in zip(lin.lora_a, lin.lora_b)]) * lin.lora_scale
 
 
 def merge_lora(model):
-    """Fold every adapter into its base weight (W += s B A), remove the adapters, unfreeze the model."""
+    """Fold every adapter into its base weight, remove the adapters, unfreeze the model."""
     with torch.no_grad():
         for lin in lora_layers(model):
             if lin.lora_a is not None:
-                lin.weight += (lin.lora_b @ lin.lora_a) * lin.lora_scale
+                lin.weight += lora_delta(lin)
                 lin.lora_a = lin.lora_b = None
     model.requires_grad_(True)
     return model

@@ -563,7 +563,7 @@ def randomize_lora_b_(m, seed=0):
     g = torch.Generator().manual_seed(seed)
     n = 0
     for name, p in lora_params(m):
-        if name.endswith("lora_b"):
+        if ".lora_b." in name:  # one adapter per projection, fused ones included
             p.copy_(0.1 * torch.randn(p.shape, generator=g))
             n += 1
     return n
@@ -637,12 +637,13 @@ def test_kv_cache_sized_to_need(tmp_path, monkeypatch):
         def __init__(self, cfg, B, S, device, dtype):
             made.append((B, S))
             super().__init__(cfg, B, S, device, dtype)
-            self.shape = tuple(self.k.shape)
 
     monkeypatch.setattr(G, "KVCache", Recording)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     out = G.generate(lm, prompts, 4)
     assert made == [(2, 5 + 4)]  # the longest prompt plus the new tokens, not the 8192 positions
+    G.generate(lm, prompts, 4, num_samples=3)  # K samples: the prompts' slots once, then 4 slots per row
+    assert made[1] == (2, 5)
     assert [len(o) for o in out] == [4, 4]
     hf = hf_load(d)
     for p, o in zip(prompts, out):

@@ -1,9 +1,10 @@
-"""The fast paths of sampling give the same answers as the plain ones, and never use stale weights.
+"""The fast paths give the same answers as the plain ones, and never use stale weights.
 
-Linear.forward multiplies few rows as W x^T (see model.FEW_ROWS) and sample_token draws by inverse CDF;
-each is checked against the textbook form. Sampling must see every weight change (an optimizer step, an
-in-place edit through .data, load_state_dict, a LoRA merge): after each, greedy decoding equals a fresh
-uncached forward that uses F.linear everywhere.
+Linear fuses projections (q, k and v in one matrix; gate and up in another) with one LoRA adapter per part,
+the K samples of a prompt share its keys and values in the KV cache, and sample_token draws by inverse CDF;
+each is checked against the textbook form. Sampling must see every
+weight change (an optimizer step, an in-place edit through .data, load_state_dict, a LoRA merge): after
+each, greedy decoding equals a fresh uncached forward.
 """
 import pytest
 import torch
@@ -18,59 +19,37 @@ PROMPTS = [[5, 9, 14, 3, 77], [8, 8, 101, 42, 6, 19, 23, 4, 11], [60]]  # mixed 
 
 
 # -----------------------------------------------------------------------------
-# Linear: the few-rows layout equals F.linear, values and gradients
+# Linear: a fused projection with one adapter per part equals separate projections with their own
 
-@pytest.mark.parametrize("bias", [False, True])
-def test_linear_paths_equal_f_linear(bias):
+def test_fused_linear_with_adapters_equals_one_per_projection():
     torch.manual_seed(0)
-    lin = M.Linear(24, 40, bias=bias)
-    for shape in [(0, 24), (24,), (1, 24), (1, 1, 24), (2, 24), (3, 5, 24), (M.FEW_ROWS, 24), (M.FEW_ROWS + 1, 24)]:
-        x = torch.randn(*shape, requires_grad=True)
-        y = lin(x)
-        ref = F.linear(x, lin.weight, lin.bias)
-        assert y.shape == ref.shape, shape
-        assert torch.allclose(y, ref, atol=1e-5), shape
-        if x.numel():  # gradients through the transposed form equal those of F.linear
-            g = torch.randn_like(ref)
-            got = torch.autograd.grad(y, [x, lin.weight], g)
-            want = torch.autograd.grad(ref, [x, lin.weight], g)
-            for a, b in zip(got, want):
-                assert torch.allclose(a, b, atol=1e-4), shape
-    # a non-contiguous input (the last position of a (B, T, C) batch, as generate passes it)
-    h = torch.randn(3, 7, 24)
-    for x in (h[:, -1], h[:1, -1]):
-        assert torch.allclose(lin(x), F.linear(x, lin.weight, lin.bias), atol=1e-5)
-
-
-def test_linear_with_lora_equals_merged():
-    torch.manual_seed(0)
-    lin = M.Linear(16, 32)
-    lin.lora_a = torch.nn.Parameter(torch.randn(4, 16))
-    lin.lora_b = torch.nn.Parameter(torch.randn(32, 4))
+    parts = (12, 4, 4)  # q, k, v
+    lin = M.Linear(16, sum(parts), parts=parts)
+    lin.lora_a = torch.nn.ParameterList(torch.randn(3, 16) for _ in parts)
+    lin.lora_b = torch.nn.ParameterList(torch.randn(n, 3) for n in parts)
     lin.lora_scale = 0.5
-    merged = lin.weight + lin.lora_scale * lin.lora_b @ lin.lora_a
-    for rows in (1, 2, 9, M.FEW_ROWS + 3):
-        x = torch.randn(rows, 16)
-        assert torch.allclose(lin(x), F.linear(x, merged, lin.bias), atol=1e-4), rows
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    w, b = lin.weight.split(parts), lin.bias.split(parts)
+    separate = torch.cat([F.linear(x, w[j] + 0.5 * lin.lora_b[j] @ lin.lora_a[j], b[j]) for j in range(3)], -1)
+    assert torch.allclose(lin(x), separate, atol=1e-5)
+    assert torch.allclose(F.linear(x, lin.weight + M.lora_delta(lin), lin.bias), separate, atol=1e-5)
+    g = torch.randn_like(separate)  # and the adapters get the gradients the separate ones would
+    got = torch.autograd.grad(lin(x), [x, *lin.lora_a, *lin.lora_b], g)
+    want = torch.autograd.grad(separate, [x, *lin.lora_a, *lin.lora_b], g)
+    for u, v in zip(got, want):
+        assert torch.allclose(u, v, atol=1e-4)
 
 
 # -----------------------------------------------------------------------------
 # Sampling never runs on stale weights
 
-def plain_greedy(lm, prompt, n, monkeypatch):
-    """Argmax decoding with a full forward each step (no cache) and F.linear everywhere; also the gaps."""
-    with monkeypatch.context() as m:
-        m.setattr(M, "FEW_ROWS", 0)
-        return uncached_greedy(lm, prompt, n)
-
-
-def check_sampling_uses_current_weights(lm, monkeypatch, n=6):
-    """Greedy generate (batch of 3, batch of 1, and 2 samples per prompt) equals plain_greedy; returns it."""
+def check_sampling_uses_current_weights(lm, n=6):
+    """Greedy generate (batch of 3, batch of 1, and 2 samples per prompt) equals an uncached forward each step."""
     batch = G.generate(lm, PROMPTS, n)
     single = G.generate(lm, PROMPTS[1:2], n)
     pairs = G.generate(lm, PROMPTS, n, num_samples=2)
     for i, p in enumerate(PROMPTS):
-        ref, gaps = plain_greedy(lm, p, n, monkeypatch)
+        ref, gaps = uncached_greedy(lm, p, n)
         upto = next((t for t, g in enumerate(gaps) if g < 1e-5), n)  # either token is right from a near-tie on
         assert batch[i][:upto] == ref[:upto], f"prompt {i}: generate {batch[i]} vs plain forward {ref}"
         assert pairs[2 * i] == pairs[2 * i + 1] == batch[i]
@@ -78,13 +57,13 @@ def check_sampling_uses_current_weights(lm, monkeypatch, n=6):
     return batch
 
 
-def test_weight_updates_reach_sampling(tmp_path, monkeypatch):
+def test_weight_updates_reach_sampling(tmp_path):
     lm = C.load_model(make_checkpoint(tmp_path / "a", "llama_tied", seed=0))
     other = C.load_model(make_checkpoint(tmp_path / "b", "llama_tied", seed=1))
-    seen = [check_sampling_uses_current_weights(lm, monkeypatch)]
+    seen = [check_sampling_uses_current_weights(lm)]
 
     def changed():
-        out = check_sampling_uses_current_weights(lm, monkeypatch)
+        out = check_sampling_uses_current_weights(lm)
         assert out != seen[-1], "the weight change did not change the samples: the check would prove nothing"
         seen.append(out)
 
@@ -108,10 +87,11 @@ def test_weight_updates_reach_sampling(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
         for lin in M.lora_layers(lm):
-            lin.lora_b.copy_(0.2 * torch.randn(lin.lora_b.shape, generator=g))
+            for b in lin.lora_b:
+                b.copy_(0.2 * torch.randn(b.shape, generator=g))
     changed()
     M.merge_lora(lm)
-    assert check_sampling_uses_current_weights(lm, monkeypatch) == seen[-1]  # merging changes nothing
+    assert check_sampling_uses_current_weights(lm) == seen[-1]  # merging changes nothing
 
 
 # -----------------------------------------------------------------------------
@@ -166,3 +146,30 @@ def test_nucleus_membership_equals_a_stable_sort(top_p):
     kept = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (p.cumsum(-1) - p) < top_p)  # (16, 50)
     for tok in range(probs.shape[1]):
         assert torch.equal(G.in_nucleus(probs, torch.full((16,), tok), top_p), kept[:, tok]), tok
+
+
+# -----------------------------------------------------------------------------
+# K samples of a prompt read its keys and values once: the same attention as K copies would give
+
+@pytest.mark.parametrize("H, Hkv", [(4, 2), (3, 3)])
+def test_shared_prefix_attention_equals_attention_over_copies(H, Hkv):
+    torch.manual_seed(0)
+    cfg = type("Cfg", (), dict(n_layer=1, n_kv_head=Hkv, head_dim=8))
+    B, K, Tp, t, D = 3, 4, 6, 2, 8
+    cache = M.KVCache(cfg, B, Tp, "cpu", torch.float32)
+    cache.k[0].normal_(), cache.v[0].normal_()
+    cache.valid[:] = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 0, 1]], dtype=torch.bool)  # left padding
+    cache.filled = Tp
+    k_pre, v_pre, valid_pre = cache.k[0].clone(), cache.v[0].clone(), cache.valid.clone()
+    cache.share_prefix(K, t)
+    own = [(torch.randn(B * K, Hkv, 1, D), torch.randn(B * K, Hkv, 1, D)) for _ in range(t)]
+    for step, (k, v) in enumerate(own):
+        q = torch.randn(B * K, H, 1, D)
+        got = cache.attend(0, q, k, v)
+        cache.filled += 1
+        # the plain way: every row holds a copy of its prompt's keys, then its own; padding masked out
+        keys = torch.cat([k_pre.repeat_interleave(K, 0), torch.cat([x for x, _ in own[:step + 1]], 2)], 2)
+        values = torch.cat([v_pre.repeat_interleave(K, 0), torch.cat([x for _, x in own[:step + 1]], 2)], 2)
+        mask = torch.cat([valid_pre.repeat_interleave(K, 0), torch.ones(B * K, step + 1, dtype=torch.bool)], 1)
+        want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None], enable_gqa=H != Hkv)
+        assert torch.allclose(got, want, atol=1e-5), step
