@@ -1,14 +1,18 @@
 """
-Speed of our sampler and DPO training step against transformers', measured as ratios in one process.
+Speed of our sampler, training step and whole TS-Align round against transformers', as ratios in one process.
 
-    python tests/bench.py                          # every section, 2 repeats (about 10 minutes on 2 cores)
-    python tests/bench.py --only greedy,sample --repeats 5
-    python tests/bench.py --skip-positions --skip-train
+    python tests/bench.py                          # every section, 5 repeats (about 25 minutes on 2 cores)
+    python tests/bench.py --only greedy,sample --repeats 7
+    python tests/bench.py --skip-positions --skip-round
 
-The model is a random-init Llama with SmolLM2-135M's configuration (30 layers, C 576, MLP 1536, 9 heads,
+The policy is a random-init Llama with SmolLM2-135M's configuration (30 layers, C 576, MLP 1536, 9 heads,
 3 key/value heads, V 49152, tied embeddings), built with transformers and saved into a temporary folder.
-Ours loads it with model.load_model, transformers with from_pretrained in float32; both run with their
-defaults (transformers: its generate(), DynamicCache, SDPA attention).
+Ours loads it with checkpoint.load_model, transformers with from_pretrained in float32; both run with their
+defaults (transformers: its generate(), DynamicCache, SDPA attention). The round section adds a student
+reward model of the same shape and a teacher reward model of SmolLM2-360M's shape (32 layers, C 960, 15
+heads, 5 key/value heads), and times one round's compute on both sides: the policy samples K=8 for 16
+prompts, the student scores every sample, the teacher scores two per prompt, then one DPO step and one
+student step on the round's pairs.
 
 Each measurement runs ours and transformers alternately in this process, and which side goes first swaps
 every repeat, so the slow drift of a shared machine hits both. We print each side's median and the ratio
@@ -17,50 +21,55 @@ Tokens/s counts new tokens over wall time including the prefill, with stop token
 (eos_token_id=None for ours, min_new_tokens for transformers).
 
 On a shared machine, OpenMP threads that spin while they wait fight other processes for the cores, and
-every parallel region can then stall for milliseconds: timings of both sides swing by 2-10x. Setting
-OMP_WAIT_POLICY=PASSIVE for the run makes them far steadier (it changes how the threads wait, not what
-is computed); the header prints the load average so a noisy run can be recognised.
+every parallel region can then stall for milliseconds: timings of both sides swing by 2-10x. This script
+sets OMP_WAIT_POLICY=PASSIVE (unless the environment sets it), which makes them far steadier (it changes
+how the threads wait, not what is computed). The header names the CPU, torch, its BLAS and the commit, and
+prints the load average so a noisy run can be recognised.
 
 Not a test (pytest collects only test_*.py); the targets at the end are the performance issue's.
 """
 import argparse
-import glob
-import json
 import os
+import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP; see the docstring
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import data  # noqa: E402
 import losses  # noqa: E402
-import model as M  # noqa: E402
 import train_loop  # noqa: E402
+from checkpoint import load_model  # noqa: E402
+from generate import generate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("greedy", "sample", "positions", "train", "round")
 NEW = 64          # new tokens per sequence in the greedy and sampling sections
 NEAR_TIE = 1e-4   # a top-two logit gap below this may legitimately pick either token
-TARGETS = {"greedy b=1": 1.5, "greedy b=16": 1.25, "ts-align sample": 2.0, "dpo step": 1.1}
+TARGETS = {"greedy b=1": 1.3, "greedy b=16": 1.3, "ts-align sample": 3.0, "dpo step": 1.15, "round": 2.0}
 
 # SmolLM2-135M's config.json, with random weights.
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                     num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True, rope_theta=100000.0,
-                    max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0)
+                    max_position_embeddings=8192, rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+# SmolLM2-360M's: the teacher of the round section.
+SMOLLM2_360M = dict(SMOLLM2_135M, hidden_size=960, intermediate_size=2560, num_hidden_layers=32,
+                    num_attention_heads=15, num_key_value_heads=5)
 
 
 def build_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0].strip())
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per side and case (warm-up runs come on top)")
+    p.add_argument("--repeats", type=int, default=5, help="timed runs per side and case (warm-up runs come on top)")
     p.add_argument("--only", default=None, help=f"comma-separated sections to run, of: {', '.join(SECTIONS)}")
     for s in SECTIONS:
         p.add_argument(f"--skip-{s}", action="store_true", help=f"skip the {s} section")
     p.add_argument("--checkpoint", default=None, help="use this Llama checkpoint folder instead of a fresh random one")
-    p.add_argument("--runs", default=os.path.join(ROOT, "runs"), help="where tsalign.py wrote its runs (round section)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the random weights")
     args = p.parse_args(argv)
@@ -76,22 +85,23 @@ def build_args(argv=None):
 # -----------------------------------------------------------------------------
 # Helpers: the models, prompts, and alternating timing
 
-def make_checkpoint(folder, seed):
+def make_checkpoint(folder, seed, shape=SMOLLM2_135M, reward=False):
     import transformers as tf
     transformers_logging_off(tf)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        hf = tf.LlamaForCausalLM(tf.LlamaConfig(**SMOLLM2_135M)).float()
+        cls = tf.LlamaForSequenceClassification if reward else tf.LlamaForCausalLM
+        hf = cls(tf.LlamaConfig(**shape, num_labels=1)).float()
     hf.save_pretrained(folder)
     return folder
 
 
-def load_pair(folder):
+def load_pair(folder, reward=False):
     import transformers as tf
     transformers_logging_off(tf)
-    ours = M.load_model(folder, device="cpu")
-    hf = tf.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    return ours, hf
+    ours = load_model(folder, device="cpu")
+    auto = tf.AutoModelForSequenceClassification if reward else tf.AutoModelForCausalLM
+    return ours, auto.from_pretrained(folder, dtype=torch.float32).eval()
 
 
 def transformers_logging_off(tf):
@@ -199,10 +209,10 @@ def bench_greedy(lm, hf, args, gen, results):
     for B in (1, 16):
         prompts = random_prompts(B, 20, 60, gen, V)
         # Warm-up run of each side, which also gives the tokens and logits for the parity check.
-        ours = M.generate(lm, prompts, NEW, eos_token_id=None)
+        ours = generate(lm, prompts, NEW, eos_token_id=None)
         hf_out = hf_generate(hf, prompts, NEW, do_sample=False, return_dict_in_generate=True, output_logits=True)
         results[f"parity b={B}"] = check_greedy(lm, prompts, ours, hf_out)
-        t_o, t_t = alternate(args.repeats, lambda: M.generate(lm, prompts, NEW, eos_token_id=None),
+        t_o, t_t = alternate(args.repeats, lambda: generate(lm, prompts, NEW, eos_token_id=None),
                              lambda: hf_generate(hf, prompts, NEW, do_sample=False))
         results[f"greedy b={B}"] = report(f"b={B}", t_o, t_t, (B * NEW, "tok/s"))
 
@@ -215,14 +225,14 @@ def bench_sample(lm, hf, args, gen, results):
     g = torch.Generator().manual_seed(args.seed)
 
     def ours():
-        return M.generate(lm, prompts, NEW, temperature=1.0, top_p=0.95, eos_token_id=None, generator=g, num_samples=K)
+        return generate(lm, prompts, NEW, temperature=1.0, top_p=0.95, eos_token_id=None, generator=g, num_samples=K)
 
     def theirs():
         return hf_generate(hf, prompts, NEW, do_sample=True, temperature=1.0, top_k=0, top_p=0.95,
                            num_return_sequences=K)
 
     # A small warm-up of both code paths (a full one would cost a repeat), then check one full run's shape.
-    M.generate(lm, prompts[:1], 2, temperature=1.0, top_p=0.95, eos_token_id=None, num_samples=2)
+    generate(lm, prompts[:1], 2, temperature=1.0, top_p=0.95, eos_token_id=None, num_samples=2)
     hf_generate(hf, prompts[:1], 2, do_sample=True, top_k=0, top_p=0.95, num_return_sequences=2)
     shapes = []
     t_o, t_t = alternate(args.repeats, lambda: shapes.append([len(x) for x in ours()]), theirs)
@@ -251,7 +261,7 @@ def bench_positions(lm, hf, args, gen, results):
 
         def ours():
             return statistics.median(step_times(lm.decoder.tok_emb,
-                                                lambda: M.generate(lm, prompt, steps, eos_token_id=None))[1:])
+                                                lambda: generate(lm, prompt, steps, eos_token_id=None))[1:])
 
         def theirs():
             return statistics.median(step_times(hf.model.embed_tokens,
@@ -309,32 +319,101 @@ def bench_train(lm, hf, args, gen, results):
     results["dpo step"] = report("step", t_o, t_t, (2 * P * (Tp + Tr), "tok/s"))
 
 
-def bench_round(args):
-    print("\nround cost breakdown of `python tsalign.py --rounds 3` (its metrics.jsonl)")
-    files = glob.glob(os.path.join(args.runs, "*", "metrics.jsonl"))
-    if not files:
-        print(f"  skipped: no {os.path.join(args.runs, '*', 'metrics.jsonl')} (run tsalign.py first)")
-        return
-    path = max(files, key=os.path.getmtime)
-    rows = [json.loads(line) for line in open(path) if line.strip()]
-    rows = [r for r in rows if isinstance(r.get("seconds"), dict)]
-    if not rows:
-        print(f"  skipped: {path} has no per-phase seconds")
-        return
-    phases = list(rows[-1]["seconds"])  # a full round's phases, in its order
-    for r in rows:
-        phases += [k for k in r["seconds"] if k not in phases]
-    print(f"  {path} ({len(rows)} rows)")
-    print("  " + f"{'round':>5} " + " ".join(f"{k:>14}" for k in phases) + f" {'total':>9}")
-    totals = dict.fromkeys(phases, 0.0)
-    for r in rows:
-        s = r["seconds"]
-        for k in phases:
-            totals[k] += s.get(k, 0.0)
-        print("  " + f"{r.get('round', '?'):>5} " + " ".join(f"{s.get(k, 0.0):14.1f}" for k in phases)
-              + f" {sum(s.values()):9.1f}")
-    all_s = sum(totals.values())
-    print("  " + f"{'share':>5} " + " ".join(f"{v / all_s:14.1%}" for v in totals.values()) + f" {all_s:9.1f}")
+def bench_round(lm, hf, args, gen, results):
+    P, K, Tr = 16, 8, NEW
+    print(f"\na whole round: {P} prompts of 100-200 ids, the policy samples K={K} each (T=1, top-p 0.95, {Tr} new "
+          f"tokens), the student (135M shape) scores all {P * K}, the teacher (360M shape) scores {2 * P}; one DPO step "
+          f"and one student step on the {P} pairs (fused AdamW on both sides)")
+    V = lm.config.vocab_size
+    with tempfile.TemporaryDirectory() as tmp:
+        student, hf_student = load_pair(make_checkpoint(os.path.join(tmp, "student"), args.seed + 1, reward=True), True)
+        teacher, hf_teacher = load_pair(make_checkpoint(os.path.join(tmp, "teacher"), args.seed + 2, SMOLLM2_360M,
+                                                        reward=True), True)
+    prompts = random_prompts(P, 100, 200, gen, V)
+    g = torch.Generator().manual_seed(args.seed)
+    opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-7, fused=True) for m in (lm, hf, student, hf_student)}
+
+    def pairs_of(samples, student_scores, teacher_scores):
+        """Per prompt the student's best and worst sample, ordered by the teacher: (chosen, rejected) ids."""
+        out = []
+        for i in range(P):
+            s = student_scores[i * K:(i + 1) * K]
+            b, w = int(s.argmax()), int(s.argmin())
+            c, r = (b, w) if teacher_scores[2 * i] >= teacher_scores[2 * i + 1] else (w, b)
+            out.append((samples[i * K + c], samples[i * K + r]))
+        return out
+
+    def scores(score, rows, batch):  # rows of ids, right-padded in batches, as both sides' reward models read them
+        return torch.cat([score(*data.pad(rows[s:s + batch], 0)) for s in range(0, len(rows), batch)])
+
+    def one_round(sample, score_student, score_teacher, dpo_logps, student_model, policy_model):
+        with torch.no_grad():
+            samples = sample()                                                                  # P*K lists of ids
+            rows = [prompts[i // K] + x for i, x in enumerate(samples)]
+            s = scores(score_student, rows, 64)                                                 # (P*K,)
+            best = [(i * K + int(s[i * K:(i + 1) * K].argmax()), i * K + int(s[i * K:(i + 1) * K].argmin()))
+                    for i in range(P)]
+            t = scores(score_teacher, [rows[j] for pair in best for j in pair], 64)             # (2P,)
+        pairs = pairs_of(samples, s, t)
+        batch = data.policy_batch(prompts * 2, [c for c, _ in pairs] + [r for _, r in pairs], 0)
+        policy_model.train()
+        logp = dpo_logps(batch)
+        loss = losses.dpo_loss(logp[:P], logp[P:], logp[:P].detach(), logp[P:].detach())[0].mean()
+        loss.backward()
+        opts[policy_model].step()
+        opts[policy_model].zero_grad(set_to_none=True)
+        policy_model.eval()
+        student_model.train()
+        ids, mask = data.pad([p + c for p, (c, _) in zip(prompts, pairs)] + [p + r for p, (_, r) in zip(prompts, pairs)], 0)
+        r = score_student(ids, mask)
+        losses.ranking_loss(r[:P], r[P:])[0].mean().backward()
+        opts[student_model].step()
+        opts[student_model].zero_grad(set_to_none=True)
+        student_model.eval()
+
+    def ours():
+        one_round(lambda: generate(lm, prompts, Tr, temperature=1.0, top_p=0.95, eos_token_id=None, generator=g,
+                                   num_samples=K),
+                  lambda ids, mask: student(ids, mask), lambda ids, mask: teacher(ids, mask),
+                  lambda batch: train_loop.response_logprobs(lm, batch)[0], student, lm)
+
+    def theirs():
+        def sample():
+            out = hf_generate(hf, prompts, Tr, do_sample=True, temperature=1.0, top_k=0, top_p=0.95,
+                              num_return_sequences=K)
+            return out[:, -Tr:].tolist()
+
+        def dpo_logps(batch):  # how peer trainers write it: full logits, log-softmax, gather, mask, sum
+            ids, mask, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
+            logits = hf(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
+            return (logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * resp[:, 1:]).sum(-1)
+
+        one_round(sample, lambda ids, mask: hf_student(input_ids=ids, attention_mask=mask).logits[:, 0],
+                  lambda ids, mask: hf_teacher(input_ids=ids, attention_mask=mask).logits[:, 0], dpo_logps,
+                  hf_student, hf)
+
+    ours_small = (lambda: generate(lm, prompts[:1], 2, temperature=1.0, top_p=0.95, eos_token_id=None, num_samples=2))
+    ours_small()  # warm-up of both sampling paths
+    hf_generate(hf, prompts[:1], 2, do_sample=True, top_k=0, top_p=0.95, num_return_sequences=2)
+    t_o, t_t = alternate(args.repeats, ours, theirs)
+    results["round"] = report("round", t_o, t_t, (P * K * Tr, "sampled tok/s"))
+
+
+def machine():
+    """The CPU model, torch and its BLAS, and the commit: every figure names where it was measured."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    try:
+        lscpu = dict(line.split(":", 1) for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+                     .splitlines() if ":" in line)
+        cpu += f" (vendor {lscpu['Vendor ID'].strip()}, family {lscpu['CPU family'].strip()}, model {lscpu['Model'].strip()})"
+    except (OSError, KeyError):
+        pass
+    blas = next((part.split("=")[1] for part in torch.__config__.show().replace(",", " ").split() if
+                 part.startswith("BLAS_INFO=")), "unknown")
+    git = subprocess.run(["git", "-C", ROOT, "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return (f"cpu: {cpu}, {os.cpu_count()} CPUs; torch {torch.__version__}, BLAS {blas}, {torch.get_num_threads()} "
+            f"threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}; commit {git.stdout.strip() or 'unknown'}")
 
 
 # -----------------------------------------------------------------------------
@@ -344,20 +423,16 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)  # transformers samples from the global generator
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"load average {os.getloadavg()[0]:.1f}, repeats {args.repeats}, sections {', '.join(args.sections)}")
+    print(machine())
+    print(f"load average {os.getloadavg()[0]:.1f}, repeats {args.repeats}, sections {', '.join(args.sections)}")
     results = {}
     t0 = time.perf_counter()
-    needs_models = [s for s in args.sections if s != "round"]
-    if needs_models:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = args.checkpoint or make_checkpoint(os.path.join(tmp, "smollm2-135m-random"), args.seed)
-            lm, hf = load_pair(folder)
-        gen = torch.Generator().manual_seed(args.seed)
-        for s in needs_models:
-            globals()[f"bench_{s}"](lm, hf, args, gen, results)
-    if "round" in args.sections:
-        bench_round(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.checkpoint or make_checkpoint(os.path.join(tmp, "smollm2-135m-random"), args.seed)
+        lm, hf = load_pair(folder)
+    gen = torch.Generator().manual_seed(args.seed)
+    for s in args.sections:
+        globals()[f"bench_{s}"](lm, hf, args, gen, results)
     if results:
         print(f"\nsummary ({time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}):")
         for name, target in TARGETS.items():
