@@ -147,7 +147,7 @@ def win_stats(outcomes, prefix):
 
 
 def mean(xs):
-    return sum(xs) / len(xs) if xs else float("nan")
+    return sum(xs) / len(xs) if xs else None  # None (null in metrics.jsonl): a mean over nothing
 
 
 # ---- A round's metrics ---------------------------------------------------------------------------
@@ -168,7 +168,8 @@ def held_out_metrics(evaluator, student, prompts, answers, base, agreement_pairs
     m.update(win_stats([g for g, _ in outcomes], "win_rate_vs_base"))
     m.update(win_stats([x for _, s in outcomes for x in s], "win_rate_vs_base_sampled"))
     m["policy_len"] = sum(len(s.ids) for s in greedy) / len(greedy)
-    agrees = train_loop.spread(partial(student_agrees, student), agreement_pairs, block=64)
+    with train_loop.gathered(student.m):
+        agrees = train_loop.spread(partial(student_agrees, student), agreement_pairs, block=64)
     m["student_teacher_agreement"] = mean(agrees)
     if oracle is not None:  # the default world's; on the pairs it tells apart, are teacher and student right?
         scores = [oracle(p, s.text) if s.finished else 0.0 for p, s in zip(prompts, greedy)]
@@ -194,6 +195,19 @@ def pair_metrics(prompts, samples, mined, k, selection, teacher_judge, oracle=No
     if oracle is not None:  # the early warning of over-optimisation: are the mined pairs still right?
         decided = [p for p in pairs if oracle(p.prompt, p.chosen) != oracle(p.prompt, p.rejected)]
         m["pairs_oracle_accuracy"] = mean([oracle(p.prompt, p.chosen) > oracle(p.prompt, p.rejected) for p in decided])
+    return m
+
+
+def train_metrics(trained):
+    """The round's training results (run_round's) as metrics, with the bytes of weights and AdamW state each
+    process held (under --fsdp, its shards)."""
+    m = {"student_loss": trained["student"]["loss"]} if "student" in trained else {}
+    if "policy" in trained:
+        dpo = trained["policy"]
+        m.update(dpo_loss=dpo["dpo_loss"], dpo_reward_accuracy=dpo["reward_accuracy"],
+                 dpo_reward_margin=dpo["reward_margin"], dpo_first_loss=dpo["dpo_first_loss"])
+    m["bytes_per_process"] = {f"{name}_{kind}": t[f"{kind}_bytes"] for name, t in trained.items()
+                              for kind in ("param", "optimizer")}
     return m
 
 

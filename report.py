@@ -1,0 +1,211 @@
+"""
+The report of a run, and of several runs on the same axes: one self-contained HTML page with inline SVG charts.
+
+    report.html          in every run folder, rewritten after each finished round
+    python tsalign.py --report runs/A runs/B runs/C -o compare.html    # several runs overlaid
+    python tsalign.py --report runs/A runs/B runs/C -o compare.svg     # the main charts alone, as one SVG
+
+Everything is drawn from the run folder's own files (config.json, metrics.jsonl, round_N/pairs.jsonl and
+examples.json, round_0/base_eval.json), so a folder written by an earlier version draws too. No JavaScript,
+nothing loaded from elsewhere: each point carries its value in an SVG <title>, which browsers show on hover.
+All text from the run (prompts, responses, options) is escaped.
+"""
+import html
+import json
+import math
+import os
+
+# Each chart: a title and its series, (label, metric key, key of its standard error or None). Round 0 is the
+# base policy. "calls" and "calls_bound" are cumulative teacher calls (warm-up included) and their upper
+# bound, the teacher scoring all K samples of every prompt; "dropped:<reason>" counts dropped prompts.
+CHARTS = [
+    ("Win rate vs base (greedy)", [("greedy", "win_rate_vs_base", "win_rate_stderr_vs_base")]),
+    ("Win rate vs base (sampled)", [("sampled", "win_rate_vs_base_sampled", "win_rate_stderr_vs_base_sampled")]),
+    ("Student-teacher agreement", [("agreement", "student_teacher_agreement", None)]),
+    ("Oracle accuracy", [("mined pairs", "pairs_oracle_accuracy", None), ("teacher", "teacher_oracle_accuracy", None),
+                         ("student", "student_oracle_accuracy", None)]),
+    ("Teacher calls, cumulative", [("teacher calls", "calls", None), ("scoring all K", "calls_bound", None)]),
+    ("Length (tokens)", [("policy", "policy_len", None), ("chosen", "chosen_len", None),
+                         ("rejected", "rejected_len", None)]),
+    ("Pairs kept and dropped", [("kept", "pairs", None)] + [(r.replace("_", " "), "dropped:" + r, None) for r in
+                               ("too_few_finished", "identical", "low_margin", "invalid_judge")]),
+]
+SVG_CHARTS = ("Win rate vs base (greedy)", "Oracle accuracy", "Teacher calls, cumulative")  # the -o .svg summary
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
+DASHES = ("", "6 3", "2 3", "8 3 2 3", "1 2")
+
+
+def number(x):
+    """A finite float, or None (absent, null, or the NaN of a folder written by an earlier version)."""
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
+
+
+def rows_of(metrics):
+    """Per round, the metrics with the derived keys of CHARTS added."""
+    calls = bound = 0
+    out = []
+    for m in metrics:
+        m = dict(m)
+        warm = m.get("teacher_calls_warmup") or 0
+        calls += (m.get("teacher_calls") or 0) + warm
+        bound += (m.get("teacher_calls_if_scoring_all") or 0) + warm
+        m["calls"], m["calls_bound"] = calls, bound
+        for reason, n in (m.get("pairs_dropped") or {}).items():
+            m["dropped:" + reason] = n
+        out.append(m)
+    return out
+
+
+# ---- A line chart, as SVG ------------------------------------------------------------------------
+
+def line_chart(title, series, width=440, height=270):
+    """series: [(label, color, dash, points)], points [(round, value, stderr or None)], value None is no point.
+    Returns an <svg> element: axes, one polyline per series, error bars, a circle per point whose <title> holds
+    its value, and the legend."""
+    points = [(x, y, e or 0) for *_, pts in series for x, y, e in pts if y is not None]
+    left, right, top = 52, 10, 26
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 16 * len(series)}" '
+           f'font-family="sans-serif" font-size="11"><text x="{width / 2}" y="16" text-anchor="middle" '
+           f'font-size="13">{html.escape(title)}</text>']
+    if not points:
+        return "\n".join(svg + [f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>'])
+    x0, x1 = min(p[0] for p in points), max(max(p[0] for p in points), min(p[0] for p in points) + 1)
+    y0, y1 = min(y - e for _, y, e in points), max(y + e for _, y, e in points)
+    pad = (y1 - y0) * 0.1 or abs(y1) * 0.1 or 1.0
+    y0, y1 = y0 - pad, y1 + pad
+    sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)           # noqa: E731
+    sy = lambda y: top + (y1 - y) / (y1 - y0) * (height - top - 40)               # noqa: E731
+    svg.append(f'<path d="M{left},{top}V{height - 40}H{width - right}" fill="none" stroke="#444"/>')
+    for i in range(5):  # y grid and labels
+        v = y0 + (y1 - y0) * i / 4
+        svg.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" stroke="#eee"/>'
+                   f'<text x="{left - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+    for x in range(int(x0), int(x1) + 1):
+        svg.append(f'<text x="{sx(x):.1f}" y="{height - 26}" text-anchor="middle">{x}</text>')
+    svg.append(f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">round</text>')
+    for k, (label, color, dash, pts) in enumerate(series):
+        drawn = [(x, y, e) for x, y, e in pts if y is not None]
+        line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in drawn)
+        svg.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>')
+        for x, y, e in drawn:
+            if e:
+                svg.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(y - e):.1f}" y2="{sy(y + e):.1f}" '
+                           f'stroke="{color}"/>')
+            value = f"{y!r}" + (f" ± {e!r}" if e else "")
+            svg.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{color}"><title>'
+                       f'{html.escape(label)}, round {x}: {value}</title></circle>')
+        ly = height + 16 * k - 4
+        svg.append(f'<line x1="{left}" x2="{left + 24}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2" '
+                   f'stroke-dasharray="{dash}"/><text x="{left + 30}" y="{ly + 4}">{html.escape(label)}</text>')
+    return "\n".join(svg + ["</svg>"])
+
+
+# ---- Runs, charts, pages -------------------------------------------------------------------------
+
+def read_run(folder):
+    """A run folder's options, metrics per round, and (per round) a few mined pairs and held-out examples."""
+    def load(*path, lines=False, default=None):
+        p = os.path.join(folder, *path)
+        if not os.path.exists(p):
+            return default
+        with open(p) as f:
+            return [json.loads(x) for x in f if x.strip()] if lines else json.load(f)
+    metrics = load("metrics.jsonl", lines=True, default=[])
+    rounds = [m["round"] for m in metrics]
+    return {"folder": folder, "config": load("config.json", default={}), "rows": rows_of(metrics),
+            "pairs": {r: load(f"round_{r}", "pairs.jsonl", lines=True, default=[])[:3] for r in rounds if r},
+            "examples": load(f"round_{max(rounds)}", "examples.json", default=[]) if rounds else [],
+            "base": (load("round_0", "base_eval.json", default={}) or {}).get("greedy", [])}
+
+
+def labels(runs):
+    """A legend entry per run: its selection and seed, and every option in which the runs differ."""
+    keys = {k for r in runs for k in r["config"]} - {"out", "resume", "rounds", "device", "rebuild_world"}
+    differ = sorted(k for k in keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1)
+    shown = ["selection", "seed"] + [k for k in differ if k not in ("selection", "seed")]
+    return [", ".join(f"{k}={r['config'].get(k)}" for k in shown) for r in runs]
+
+
+def charts(runs, titles=None):
+    """The CHARTS (or those titled in titles) for these runs: one series per run and metric."""
+    names = labels(runs) if len(runs) > 1 else [""]
+    out = []
+    for title, specs in CHARTS:
+        if titles and title not in titles:
+            continue
+        series = []
+        for i, (run, name) in enumerate(zip(runs, names)):
+            for j, (label, key, err) in enumerate(specs):
+                points = [(m["round"], number(m.get(key)), number(m.get(err)) if err else None) for m in run["rows"]]
+                if any(y is not None for _, y, _ in points):
+                    series.append((f"{name}: {label}" if name else label,
+                                   COLORS[(i if len(runs) > 1 else j) % len(COLORS)], DASHES[j % len(DASHES)], points))
+        out.append(line_chart(title, series))
+    return out
+
+
+def table(head, rows):
+    cell = lambda x: html.escape(x if isinstance(x, str) else json.dumps(x))  # noqa: E731
+    return ("<table><tr>" + "".join(f"<th>{cell(h)}</th>" for h in head) + "</tr>"
+            + "".join("<tr>" + "".join(f"<td>{cell(x)}</td>" for x in row) + "</tr>" for row in rows) + "</table>")
+
+
+METRIC_COLUMNS = ("round", "pairs", "teacher_calls", "win_rate_vs_base", "win_rate_vs_base_sampled",
+                  "student_teacher_agreement", "pairs_oracle_accuracy", "dpo_loss", "policy_len")
+STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}table{border-collapse:collapse;"
+         "margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;text-align:left;"
+         "vertical-align:top;white-space:pre-wrap}.charts svg{margin:4px;border:1px solid #eee}")
+
+
+def page(runs):
+    """The HTML of one run's report, or of several runs compared."""
+    title = "TS-Align run " + runs[0]["folder"] if len(runs) == 1 else f"TS-Align: {len(runs)} runs compared"
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+             "<div class='charts'>" + "".join(charts(runs)) + "</div>"]
+    for run, name in zip(runs, labels(runs) if len(runs) > 1 else [run["folder"] for run in runs]):
+        parts.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(run['folder'])}</p>")
+        parts.append("<h3>Metrics</h3>" + table(METRIC_COLUMNS, [[m.get(c) for c in METRIC_COLUMNS] for m in run["rows"]]))
+        pairs = [[r, p.get("prompt"), p.get("chosen"), p.get("rejected"), p.get("margin")]
+                 for r, ps in run["pairs"].items() for p in ps]
+        parts.append("<h3>Mined pairs (the first three of each round)</h3>"
+                     + table(["round", "prompt", "chosen", "rejected", "margin"], pairs))
+        examples = [[e.get("prompt"), mark(b.get("text"), e.get("base_oracle")), mark(e.get("response"), e.get("oracle"))]
+                    for e, b in zip(run["examples"], run["base"])]
+        parts.append("<h3>Held-out examples, base -> final</h3>" + table(["prompt", "base", "final"], examples))
+        parts.append("<h3>Options</h3>" + table(["option", "value"], sorted(run["config"].items())))
+    return "\n".join(parts + ["</body></html>"])
+
+
+def mark(text, oracle):
+    """A response with ✓ or ✗ when the oracle scored it (1.0 is right), as it is otherwise."""
+    return text if oracle is None else f"{'✓' if oracle == 1.0 else '✗'} {text}"
+
+
+def write(path, text):
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+
+
+def write_run_report(folder):
+    """report.html in the run folder (atomically: written aside, then renamed); returns its path."""
+    path = os.path.join(folder, "report.html")
+    write(path, page([read_run(folder)]))
+    return path
+
+
+def compare(folders, output):
+    """Several runs on the same axes: an HTML page, or with output *.svg the main charts as one SVG."""
+    for f in folders:
+        if not os.path.exists(os.path.join(f, "metrics.jsonl")):
+            raise FileNotFoundError(f"{f} is not a run folder (no metrics.jsonl)")
+    runs = [read_run(f) for f in folders]
+    if output.endswith(".svg"):
+        svgs = charts(runs, SVG_CHARTS)
+        width, height = 440 * len(svgs), max(int(s.split('height="')[1].split('"')[0]) for s in svgs)
+        body = "".join(s.replace("<svg ", f'<svg x="{440 * i}" ', 1) for i, s in enumerate(svgs))
+        write(output, f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">{body}</svg>\n')
+    else:
+        write(output, page(runs))
+    return output

@@ -1,0 +1,131 @@
+"""report.html: the values drawn are the run's own, every kind of run folder draws, text is escaped; and
+metrics.jsonl is standard JSON."""
+import json
+import os
+import re
+import shutil
+import xml.etree.ElementTree as ET
+
+import pytest
+
+import report
+import tsalign
+from conftest import argv, metrics
+
+FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "run-5540fa7")
+
+
+def svgs(page):
+    """Every <svg> element of a page, parsed (so each must be well-formed XML)."""
+    return [ET.fromstring(s) for s in re.findall(r"<svg .*?</svg>", page, re.S)]
+
+
+def drawn(svg):
+    """{(series label, round): value} from the <title> of every point of a chart."""
+    out = {}
+    for t in svg.iter("{http://www.w3.org/2000/svg}title"):
+        label, rnd, value = re.fullmatch(r"(.*), round (\d+): (\S+)(?: ± \S+)?", t.text).groups()
+        out[(label, int(rnd))] = float(value)
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_rounds(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("report") / "run"
+    tsalign.main(argv(world, out, "--rounds", "2"))
+    return out
+
+
+def test_the_values_drawn_are_the_runs_own(two_rounds):
+    page = (two_rounds / "report.html").read_text()
+    rows = report.rows_of(metrics(two_rounds))
+    charts = dict(zip([title for title, _ in report.CHARTS], svgs(page)))
+    assert len(charts) == len(report.CHARTS)
+    checked = 0
+    for title, specs in report.CHARTS:
+        values = drawn(charts[title])
+        for label, key, _ in specs:
+            for m in rows:
+                want = report.number(m.get(key))
+                assert values.get((label, m["round"])) == want, (title, label, m["round"])
+                checked += want is not None
+    assert checked > 20  # the charts are not empty: win rates, agreement, calls, lengths, pairs for each round
+    # This run has no oracle (the teacher judges): no oracle-accuracy points at all.
+    assert drawn(charts["Oracle accuracy"]) == {}
+    assert drawn(charts["Teacher calls, cumulative"])[("teacher calls", 2)] == sum(
+        m.get("teacher_calls", 0) + m.get("teacher_calls_warmup", 0) for m in metrics(two_rounds))
+
+
+def test_metrics_jsonl_is_standard_json(two_rounds):
+    def refuse(constant):
+        raise AssertionError(f"{constant} is not JSON")
+    for line in (two_rounds / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
+
+
+def write_run(folder, rows, pairs=None, config=None):
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "metrics.jsonl"), "w") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))  # json.dumps writes NaN as NaN, as older versions did
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        json.dump(config or {"selection": "ts-align", "seed": 0}, f)
+    for r, ps in (pairs or {}).items():
+        os.makedirs(os.path.join(folder, f"round_{r}"), exist_ok=True)
+        with open(os.path.join(folder, f"round_{r}", "pairs.jsonl"), "w") as f:
+            f.write("".join(json.dumps(p) + "\n" for p in ps))
+    return folder
+
+
+BASE = {"round": 0, "win_rate_vs_base": 0.5, "win_rate_vs_base_sampled": 0.5, "student_teacher_agreement": 0.7,
+        "policy_len": 5.0, "teacher_calls_warmup": 0}
+
+
+@pytest.mark.parametrize("case", ["round 0 only", "a round with no pairs", "NaN from an older version", "no oracle"])
+def test_every_kind_of_run_folder_draws(tmp_path, case):
+    rows = [dict(BASE)]
+    if case != "round 0 only":
+        empty = dict(BASE, round=1, pairs=0, teacher_calls=0, teacher_calls_if_scoring_all=96,
+                     pairs_dropped={"too_few_finished": 12, "identical": 0, "low_margin": 0, "invalid_judge": 0},
+                     chosen_len=None, rejected_len=None, pairs_oracle_accuracy=None)
+        if case == "NaN from an older version":
+            empty.update(chosen_len=float("nan"), student_teacher_agreement=float("nan"))
+        if case == "no oracle":
+            empty.pop("pairs_oracle_accuracy")
+        rows.append(empty)
+    folder = write_run(str(tmp_path / "run"), rows)
+    page = open(report.write_run_report(folder)).read()
+    charts = svgs(page)
+    assert len(charts) == len(report.CHARTS)
+    win = drawn(charts[0])
+    assert win[("greedy", 0)] == 0.5 and (len(rows) == 1 or win[("greedy", 1)] == 0.5)
+    lengths = drawn(charts[5])
+    assert ("chosen", 1) not in lengths  # a missing, null or NaN value is no point, not a zero
+
+
+def test_text_from_the_run_is_escaped(tmp_path):
+    evil = "<script>alert('x')</script> & <b>bold</b>"
+    folder = write_run(str(tmp_path / "run"), [dict(BASE), dict(BASE, round=1, pairs=1)],
+                       pairs={1: [{"prompt": evil, "chosen": evil, "rejected": "ok", "margin": 1.0}]},
+                       config={"selection": evil, "seed": 0})
+    page = open(report.write_run_report(folder)).read()
+    assert "<script>" not in page and "<b>" not in page
+    assert "&lt;script&gt;alert(&#x27;x&#x27;)&lt;/script&gt; &amp; &lt;b&gt;bold&lt;/b&gt;" in page
+
+
+def test_several_runs_on_the_same_axes(two_rounds, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(FIXTURE, other)  # a folder written before the redesign: other options, NaN-free JSON
+    page = open(report.compare([str(two_rounds), str(other)], str(tmp_path / "compare.html"))).read()
+    win = drawn(svgs(page)[0])
+    labels = {label for label, _ in win}
+    assert len(labels) == 2 and all(label.startswith("selection=ts-align, seed=0") for label in labels)
+    svg = report.compare([str(two_rounds), str(other)], str(tmp_path / "compare.svg"))
+    ET.parse(svg)  # one well-formed SVG
+    with pytest.raises(FileNotFoundError, match="not a run folder"):
+        report.compare([str(tmp_path)], str(tmp_path / "x.html"))
+
+
+def test_report_command(two_rounds, tmp_path, capsys):
+    tsalign.main(["--report", str(two_rounds), "-o", str(tmp_path / "r.html")])
+    assert "wrote" in capsys.readouterr().out
+    assert len(svgs((tmp_path / "r.html").read_text())) == len(report.CHARTS)
