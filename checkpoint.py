@@ -11,6 +11,7 @@ import os
 import shutil
 
 import torch
+import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -26,6 +27,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": ("qwen2", False), "Qwen2ForSequenceClassification": ("qwen2", True),
     "Qwen3ForCausalLM": ("qwen3", False), "Qwen3ForSequenceClassification": ("qwen3", True),
     "GPT2LMHeadModel": ("gpt2", False), "GPT2ForSequenceClassification": ("gpt2", True),
+    "LlamaRewardModel": ("llama", True),  # UltraRM-13B, the paper's teacher: its head is `regression_head`
 }
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_fast": "gelu_tanh", "gelu": "gelu"}
@@ -68,23 +70,33 @@ def config_from_hf(hf, generation=None, source=None):
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
         raise ValueError(f"unsupported rope type {kind!r} in config.json; supported: default, linear, llama3")
-    max_pos = hf.get("max_position_embeddings", 2048)
-    # Sliding-window attention is not implemented, so a model that uses it may only see sequences that
-    # fit in one window, where it is exactly full attention.
-    window = hf.get("sliding_window") if hf.get("use_sliding_window", family == "mistral") else None
-    if window:
-        max_pos = min(max_pos, window)
     attn_bias = hf.get("attention_bias", False)
     return ModelConfig(**common, n_layer=hf["num_hidden_layers"], n_head=H,
                        n_kv_head=hf.get("num_key_value_heads") or H, n_embd=C,
                        head_dim=hf.get("head_dim") or C // H, n_inner=hf["intermediate_size"],
-                       max_positions=max_pos, norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       max_positions=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                       windows=sliding_windows(hf, family),
                        act=_activation(hf.get("hidden_act", "silu")),
                        qkv_bias=True if family == "qwen2" else attn_bias,
                        o_bias=False if family == "qwen2" else attn_bias,
                        mlp_bias=hf.get("mlp_bias", False), qk_norm=family == "qwen3",
                        tie_embeddings=hf.get("tie_word_embeddings", False), rope_theta=float(theta),
                        rope_scaling=None if kind == "default" else {**scaling, "rope_type": kind})
+
+
+def sliding_windows(hf, family):
+    """Per layer, its sliding attention window (keys a query sees, itself included), or None; None: no layer
+    slides. Mistral: `sliding_window` on every layer. Qwen2/Qwen3: only with `use_sliding_window`, on the
+    layers that `layer_types` names "sliding_attention", or else on those from `max_window_layers` on."""
+    n, window = hf["num_hidden_layers"], hf.get("sliding_window")
+    if family == "mistral" and window:
+        return [window] * n
+    if family not in ("qwen2", "qwen3") or not hf.get("use_sliding_window") or not window:
+        return None
+    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention"
+                                      for i in range(n)]
+    windows = [window if t == "sliding_attention" else None for t in types]
+    return windows if any(windows) else None
 
 
 def _activation(name):
@@ -141,6 +153,8 @@ def hf_names(model):
         how, theirs = (None, [theirs]) if isinstance(theirs, str) else (theirs[0], theirs[1:])
         for i in range(model.config.n_layer) if "{i}" in ours else [None]:
             table[ours.format(i=i)] = ([t.format(i=i) for t in theirs], how)
+    if model.config.arch == "LlamaRewardModel":  # UltraRM's own class names its head regression_head
+        table["score"] = (["regression_head"], None)
     modules = {name: name.rsplit(".", 1) for name in own_params(model)}  # name -> (module, weight or bias)
     return {name: ([f"{t}.{suffix}" for t in table[m][0]], table[m][1]) for name, (m, suffix) in modules.items()}
 
@@ -164,19 +178,47 @@ def _read_json(path, what):
 
 
 def _weight_files(path):
-    """Hugging Face name -> the safetensors file holding it (one file, or shards listed by an index)."""
+    """Hugging Face name -> the safetensors file holding it (one file, or shards listed by an index). Every
+    file's header is read, so a missing, truncated or corrupt file, or an index naming a tensor its file does
+    not hold, is found here, before any tensor is loaded."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
-        files = {k: os.path.join(path, f) for k, f in _read_json(index, "weight index")["weight_map"].items()}
-        for f in set(files.values()):
-            if not os.path.exists(f):
-                raise FileNotFoundError(f"weight shard {f} listed in {index} does not exist")
-        return files
-    single = os.path.join(path, "model.safetensors")
-    if not os.path.exists(single):
+        weight_map = _read_json(index, "weight index").get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"weight index {index} has no weight_map")
+        files = {k: os.path.join(path, f) for k, f in weight_map.items()}
+    elif os.path.exists(os.path.join(path, "model.safetensors")):
+        files = {k: os.path.join(path, "model.safetensors") for k in _tensor_names(os.path.join(path, "model.safetensors"))}
+    else:
         raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
-    with safe_open(single, framework="pt") as f:
-        return {k: single for k in f.keys()}
+    held = {f: _tensor_names(f) for f in set(files.values())}
+    for k, f in files.items():
+        if k not in held[f]:
+            raise ValueError(f"{f} does not contain tensor {k!r} (listed in its index)")
+    return files
+
+
+def _tensor_names(file):
+    if not os.path.exists(file):
+        raise FileNotFoundError(f"weight file {file} does not exist")
+    try:
+        with safe_open(file, framework="pt") as f:
+            return set(f.keys())
+    except Exception as e:  # safetensors' own error for a truncated or corrupt file
+        raise ValueError(f"weight file {file} is truncated or corrupt ({str(e).splitlines()[0]})") from None
+
+
+def check_folder(path):
+    """What loading a checkpoint folder needs, checked without loading a tensor: config.json (a supported
+    model), every weight file's header, tokenizer.json. Returns its ModelConfig; errors name the file."""
+    cfg = read_config(path)
+    _weight_files(path)
+    if not os.path.exists(os.path.join(path, "tokenizer.json")):
+        hint = ("; it has a sentencepiece tokenizer.model: make tokenizer.json once with transformers, e.g. python -c "
+                f"\"from transformers import AutoTokenizer as T; T.from_pretrained('{path}').save_pretrained('{path}')\""
+                if os.path.exists(os.path.join(path, "tokenizer.model")) else "")
+        raise FileNotFoundError(f"no tokenizer.json in {path}{hint}")
+    return cfg
 
 
 def default_dtype(hf, device):
@@ -223,10 +265,7 @@ def load_weights(model, path):
         f = files[name]
         if f not in handles:
             handles[f] = safe_open(f, framework="pt")
-        try:
-            return handles[f].get_tensor(name)
-        except Exception:  # an index that names a tensor its shard does not hold
-            raise ValueError(f"{f} does not contain tensor {name!r}") from None
+        return handles[f].get_tensor(name)
 
     with torch.no_grad():
         for name, param in own_params(model).items():
@@ -254,35 +293,74 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
 
 
-def hf_state_dict(model):
-    """Our weights under Hugging Face names, LoRA merged in, in the model's dtype."""
-    out = {}
+def hf_tensors(model):
+    """Our weights under Hugging Face names, LoRA merged in, in the model's dtype: (name, CPU tensor) pairs,
+    one parameter at a time, in a fixed order. A parameter sharded across processes (FSDP2's DTensor) is
+    gathered first: then every process must call this, in step (only rank 0 needs the tensors)."""
     for name, (theirs, how) in hf_names(model).items():
         module = model.get_submodule(name.rsplit(".", 1)[0])
         w = model.get_parameter(name).detach()
+        w = w.full_tensor() if hasattr(w, "full_tensor") else w
         if name.endswith(".weight") and getattr(module, "lora_a", None) is not None:
             w = w + lora_delta(module)
         w = w.t() if how == "T" and w.dim() == 2 else w
-        out.update(zip(theirs, w.split(module.parts) if how == "cat" else [w]))
-    return {k: v.contiguous().cpu() for k, v in out.items()}
+        for t, part in zip(theirs, w.split(module.parts) if how == "cat" else [w]):
+            yield t, part.contiguous().cpu()
 
 
-def save_model(model, path):
-    """Write config.json, model.safetensors and the source checkpoint's tokenizer files into path."""
+def shard_plan(model, max_shard_size):
+    """Which Hugging Face tensors go in which file: lists of names, filled in order up to max_shard_size
+    bytes (a larger tensor gets a file of its own), planned from the shapes alone."""
+    plan, size = [[]], 0
+    for name, (theirs, how) in hf_names(model).items():
+        p = model.get_parameter(name)
+        parts = model.get_submodule(name.rsplit(".", 1)[0]).parts if how == "cat" else [p.shape[0] if p.dim() else 1]
+        for t, n in zip(theirs, parts):
+            nbytes = p.numel() // max(1, p.shape[0] if p.dim() else 1) * n * p.element_size()
+            if plan[-1] and size + nbytes > max_shard_size:
+                plan.append([])
+                size = 0
+            plan[-1].append(t)
+            size += nbytes
+    return plan
+
+
+def save_model(model, path, max_shard_size=5 * 10**9):
+    """Write config.json, the weights and the source checkpoint's tokenizer files into path, as transformers
+    does: one model.safetensors, or past max_shard_size bytes shards model-0000i-of-0000n.safetensors and
+    model.safetensors.index.json. Streamed: one shard (and one tensor) at a time in memory. Under torchrun
+    with a sharded model every process calls this (to gather); rank 0 writes."""
     cfg = model.config
-    os.makedirs(path, exist_ok=True)
-    dtype = next(model.parameters()).dtype
-    hf = dict(cfg.hf)
-    hf["architectures"] = [cfg.arch]
-    hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = str(dtype).removeprefix("torch.")
-    with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-    # Old weights in the folder (a sharded checkpoint's index and shards) would shadow the new file on load.
-    for name in os.listdir(path):
-        if name == "model.safetensors.index.json" or (name.startswith("model-") and name.endswith(".safetensors")):
-            os.remove(os.path.join(path, name))
-    save_file(hf_state_dict(model), os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
-    if cfg.source and os.path.abspath(cfg.source) != os.path.abspath(path):
+    main = not dist.is_initialized() or dist.get_rank() == 0
+    if not main and not any(hasattr(p, "full_tensor") for p in model.parameters()):
+        return  # a whole model: rank 0 has it all
+    plan = shard_plan(model, max_shard_size)
+    files = ["model.safetensors"] if len(plan) == 1 else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+                                                           for i in range(len(plan))]
+    if main:
+        os.makedirs(path, exist_ok=True)
+        hf = dict(cfg.hf)
+        hf["architectures"] = [cfg.arch]
+        hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2, sort_keys=True)
+        # Old weights in the folder would shadow or mix with the new ones on load.
+        for name in os.listdir(path):
+            if name == "model.safetensors.index.json" or name.startswith("model") and name.endswith(".safetensors"):
+                os.remove(os.path.join(path, name))
+    shard, done, total = {}, 0, 0
+    for name, t in hf_tensors(model):
+        shard[name] = t
+        total += t.numel() * t.element_size()
+        if name == plan[done][-1]:  # a shard is complete
+            if main:
+                save_file(shard, os.path.join(path, files[done]), metadata={"format": "pt"})
+            shard, done = {}, done + 1
+    if main and len(plan) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": {t: files[i] for i, names in enumerate(plan) for t in names}}
+        with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    if main and cfg.source and os.path.abspath(cfg.source) != os.path.abspath(path):
         for name in TOKENIZER_FILES:
             src = os.path.join(cfg.source, name)
             if os.path.exists(src):

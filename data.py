@@ -76,6 +76,8 @@ FORMATS = {
     # Stanford Alpaca's template for an instruction without an input field.
     "alpaca": ("Below is an instruction that describes a task. Write a response that appropriately completes the "
                "request.\n\n### Instruction:\n{prompt}\n\n### Response:\n", [], None),
+    # UltraRM (the paper's teacher): the template of its model card's usage code.
+    "ultrarm": ("Human: {prompt}\n\nAssistant: ", [], None),
     # For base models. The newline keeps the answer from running on in the prompt's last line.
     "plain": ("{prompt}\n", [], None),
     # The embedded default world (world.py): digits to sort between its own BOS and separator tokens.

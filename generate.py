@@ -129,7 +129,7 @@ def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
     ids, mask, stops = ids.to(device), mask.to(device), stops.to(device)
     cache = KVCache(cfg, len(prompts), Tp + (max_new_tokens if num_samples == 1 else 0), device,
                     next(lm.parameters()).dtype)
-    logits = lm.logits(lm.decoder(ids, mask, cache)[:, -1])  # (B, V): the output layer on the last slot only
+    logits = lm(ids, mask, select="last", cache=cache)  # (B, V): the output layer on the last slot only
     if num_samples > 1:  # one prefill per prompt, shared by its K rows
         cache.share_prefix(num_samples, max_new_tokens)
         logits = logits.repeat_interleave(num_samples, 0)
@@ -149,6 +149,6 @@ def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
         done |= torch.isin(nxt, stops)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        logits = lm.logits(lm.decoder(nxt[:, None], ones, cache)[:, -1])  # (N, V)
+        logits = lm(nxt[:, None], ones, select="last", cache=cache)  # (N, V)
     length = length.tolist()
     return [tokens[i, :length[i]].tolist() for i in range(N)]

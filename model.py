@@ -43,6 +43,7 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False         # Qwen3: RMSNorm over each head of q and k
     tie_embeddings: bool = False  # output layer shares the token embedding
+    windows: list | None = None   # per layer: its sliding attention window, or None (see checkpoint.sliding_windows)
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None  # {"rope_type": "linear"|"llama3", ...}
     stop_token_ids: list = field(default_factory=list)  # every id that ends a response
@@ -125,10 +126,10 @@ def apply_rope(x, cos, sin):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg):
+    def __init__(self, cfg, window=None):
         super().__init__()
         C, H, Hkv, D = cfg.n_embd, cfg.n_head, cfg.n_kv_head, cfg.head_dim
-        self.cfg = cfg
+        self.cfg, self.window = cfg, window  # window: sliding-window size (keys seen, itself included) or None
         self.qkv = Linear(C, (H + 2 * Hkv) * D, bias=cfg.qkv_bias, parts=(H * D, Hkv * D, Hkv * D))
         self.o = Linear(H * D, C, bias=cfg.o_bias)
         if cfg.qk_norm:
@@ -148,7 +149,7 @@ class Attention(nn.Module):
             qk = apply_rope(qk, *rope)  # q and k rotated in one go
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)
         if cache is not None and cache.prefix is not None:  # K samples of each prompt: see KVCache
-            y = cache.attend(layer, q, k, v)
+            y = cache.attend(layer, q, k, v, self.window)
         else:
             if cache is not None:
                 k, v = cache.write(layer, k, v)  # (B, Hkv, S, D): every slot filled so far
@@ -181,10 +182,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, window=None):
         super().__init__()
         self.attn_norm = make_norm(cfg, cfg.n_embd)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, window)
         self.mlp_norm = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
@@ -231,9 +232,10 @@ class KVCache:
         self.next_pos = self.next_pos.repeat_interleave(K, 0)
         self.filled = 0
 
-    def attend(self, layer, q, k, v):
+    def attend(self, layer, q, k, v, window=None):
         """Attention of q (N, H, 1, D) over the shared prefix and each row's own keys: one softmax over both.
-        The K rows of a prompt read its prefix as K groups of query heads, so the prefix is never copied."""
+        The K rows of a prompt read its prefix as K groups of query heads, so the prefix is never copied.
+        window: a sliding window (no key `window` or more positions back), or None."""
         k, v = self.write(layer, k, v)                                    # (N, Hkv, t, D): the rows' own
         k_pre, v_pre, valid_pre, K = self.prefix[0][layer], self.prefix[1][layer], self.prefix[2], self.prefix[3]
         N, H, _, D = q.shape
@@ -243,7 +245,14 @@ class KVCache:
         by_prompt = q.view(B, K, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, K * G, D)
         s_pre = (by_prompt @ k_pre.transpose(2, 3)).masked_fill(~valid_pre[:, None, None], float("-inf"))
         s_pre = s_pre.view(B, Hkv, K, G, Tp).transpose(1, 2).reshape(N, Hkv, G, Tp)  # (N, Hkv, G, Tp)
-        p = torch.cat([s_pre, q @ k.transpose(2, 3)], -1).softmax(-1)     # (N, Hkv, G, Tp + t)
+        s_new = q @ k.transpose(2, 3)                                     # (N, Hkv, G, t)
+        if window is not None:  # positions: the query's, the prompt's keys', then the row's own keys'
+            q_pos = self.next_pos[:, None] - 1                            # (N, 1)
+            pre_pos = (valid_pre.long().cumsum(1) - 1).repeat_interleave(K, 0)                # (N, Tp)
+            new_pos = valid_pre.sum(1).repeat_interleave(K)[:, None] + torch.arange(k.shape[2], device=q.device)
+            s_pre = s_pre.masked_fill((q_pos - pre_pos >= window)[:, None, None], float("-inf"))
+            s_new = s_new.masked_fill((q_pos - new_pos >= window)[:, None, None], float("-inf"))
+        p = torch.cat([s_pre, s_new], -1).softmax(-1)                     # (N, Hkv, G, Tp + t)
         p_pre = p[..., :Tp].reshape(B, K, Hkv, G, Tp).transpose(1, 2).reshape(B, Hkv, K * G, Tp)
         y_pre = (p_pre @ v_pre).view(B, Hkv, K, G, D).transpose(1, 2).reshape(N, Hkv, G, D)
         return (y_pre + p[..., Tp:] @ v).reshape(N, H, 1, D)
@@ -259,6 +268,14 @@ def attention_mask_4d(valid, T):
     return ((causal & valid[:, None, :]) | (k_slot == q_slot))[:, None]  # (B, 1, T, S)
 
 
+def window_mask(valid, pos, T, window):
+    """attention_mask_4d, and no key `window` or more positions before the query (sliding-window attention,
+    as Mistral and Qwen2 define it). Positions count real tokens, so left padding changes nothing."""
+    key_pos = valid.long().cumsum(1) - 1                     # (B, S)
+    near = (pos[:, :, None] - key_pos[:, None, :]) < window  # (B, T, S)
+    return attention_mask_4d(valid, T) & near[:, None]       # (B, 1, T, S)
+
+
 class Decoder(nn.Module):
     """Token ids -> final hidden states (B, T, C)."""
 
@@ -268,7 +285,7 @@ class Decoder(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         if cfg.gpt2:
             self.pos_emb = nn.Embedding(cfg.max_positions, cfg.n_embd)
-        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, (cfg.windows or [None] * cfg.n_layer)[i]) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg, cfg.n_embd)
 
     def forward(self, input_ids, attention_mask=None, cache=None):
@@ -291,9 +308,11 @@ class Decoder(nn.Module):
             rope = rope_cos_sin(self.cfg, pos, x.dtype)
         # With no padding (one sequence, or one being decoded), SDPA's own causal kernel needs no mask.
         full = bool(valid.all()) and (cache is None or cache.filled == 0 or T == 1)
-        mask = None if full else attention_mask_4d(valid, T)
+        masks = {None: None if full else attention_mask_4d(valid, T)}  # by window (None: no sliding window)
+        if cache is None or cache.prefix is None:  # (with a shared prefix, KVCache.attend applies windows itself)
+            masks.update({w: window_mask(valid, pos, T, w) for w in set(self.cfg.windows or ()) - {None}})
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, mask, cache, i)
+            x = block(x, rope, masks.get(block.attn.window), cache, i)
         if cache is not None:
             cache.filled += T
         return self.norm(x)
@@ -319,11 +338,12 @@ class CausalLM(nn.Module):
     def logits(self, hidden):
         return self.lm_head(hidden)  # (..., C) -> (..., V)
 
-    def forward(self, input_ids, attention_mask=None, select=None):
+    def forward(self, input_ids, attention_mask=None, select=None, cache=None):
         """Logits (B, T, V); with select, a (B, T) bool mask, only at the selected positions, (N, V): the
-        output layer is the largest matmul of a small model, and training needs it only at response tokens."""
-        h = self.hidden_states(input_ids, attention_mask)  # (B, T, C)
-        return self.logits(h if select is None else h[select])
+        output layer is the largest matmul of a small model, and training needs it only at response tokens;
+        select="last": the last position's, (B, V), what sampling needs. cache: a KVCache to extend."""
+        h = self.decoder(input_ids, attention_mask, cache)  # (B, T, C)
+        return self.logits(h if select is None else h[:, -1] if isinstance(select, str) else h[select])
 
 
 class RewardModel(nn.Module):

@@ -16,6 +16,7 @@ whole. Only rank 0 writes (under torchrun every process runs the loop).
 import datetime
 import glob
 import json
+import math
 import os
 import random
 import shutil
@@ -26,8 +27,9 @@ import torch
 
 import data
 import evaluate
+import report
 import train_loop
-from checkpoint import load_model, read_config, save_model
+from checkpoint import check_folder, load_model, read_config, save_model
 from data import Pair, Sample
 from evaluate import load_scorer
 from model import CausalLM
@@ -54,11 +56,30 @@ def check(args):
     for name in ("beta", "lr", "student_lr", "temperature"):
         if getattr(args, name) <= 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.fsdp and "LOCAL_RANK" not in os.environ:
+        fail("--fsdp shards the models across torchrun's processes: start the run with torchrun "
+             "(torchrun --standalone --nproc_per_node N tsalign.py ... --fsdp)")
+    if args.fsdp and (args.lora_rank or args.student_lora_rank or args.reference == "sft"):
+        fail("--fsdp does not take --lora-rank, --student-lora-rank or --reference sft: adapters are added and merged "
+             "every round, which a sharded model cannot take, and the sft reference would be a full copy per process")
+    if args.max_shard_size <= 0:
+        fail(f"--max-shard-size must be positive, got {args.max_shard_size}")
     if not 0 <= args.label_smoothing < 0.5 or args.min_margin < 0 or args.student_margin < 0:
         fail("need 0 <= --label-smoothing < 0.5, --min-margin >= 0 and --student-margin >= 0")
     missing = [n for n in ("student", "teacher", "prompts", "prompt_format") if getattr(args, n) is None]
     if args.policy is not None and missing:
         fail(f"with --policy, also give {', '.join('--' + m.replace('_', '-') for m in missing)}")
+    if args.policy is not None and args.rebuild_world:
+        fail("--rebuild-world is for the default world; with --policy there is no world to build")
+    if args.policy is None:  # the default world draws its own prompts and is judged by its oracle
+        import world
+        given = [n for n in ("prompts", "eval_prompts", "judge", "teacher_judge") if getattr(args, n)]
+        given += [n for n in ("prompt_format", "student_format", "teacher_format") if getattr(args, n) not in
+                  (None, world.FORMAT)]
+        if given:
+            fail(f"{', '.join('--' + n.replace('_', '-') for n in given)}: for real checkpoints (with --policy); "
+                 f"the default world has its own prompts, format ({world.FORMAT}) and oracle")
+        args.prompt_format = world.FORMAT
     for name in ("prompt_format", "student_format", "teacher_format"):
         if getattr(args, name) not in (None, *data.FORMATS):
             fail(f"unknown prompt format {getattr(args, name)!r} for --{name.replace('_', '-')}; "
@@ -105,18 +126,24 @@ class Setup:
     device: str
     world: object = None        # the world module, in the default world
     oracle: object = None       # its oracle (plays the paper's GPT-4 judge; never a training signal)
+    max_shard_size: float = 5e9  # bytes per weight file of a saved checkpoint
 
 
 def setup(args, eval_seed):
     """Load the three models (the world's, built on first use, or the checkpoints given), read and split
     the prompts, and choose the judge of the win rate. Raises ValueError or FileNotFoundError."""
+    for d in (args.policy, args.student, args.teacher, args.judge):  # every checkpoint's files, before loading any
+        if d:
+            check_folder(d)
     if args.policy is None:
         import world
         torch.set_num_threads(1)  # tiny models: two OpenMP threads would spin against each other
         if train_loop.is_main():  # rank 0 builds the world if it is not cached; the others wait, then read it
             world.ensure_world(args.rebuild_world)
         train_loop.barrier()
-        dirs = [os.path.join(world.ensure_world(), n) for n in ("policy", "student", "teacher")]
+        # --student, --teacher: another student or teacher in the world (a distilled student, for one)
+        dirs = [os.path.join(world.ensure_world(), "policy"), args.student or os.path.join(world.ensure_world(), "student"),
+                args.teacher or os.path.join(world.ensure_world(), "teacher")]
         rng, n = random.Random(eval_seed), args.eval_count
         train, held = None, list(dict.fromkeys(world.random_prompt(rng) for _ in range(2 * n)))[:n]
     else:
@@ -134,8 +161,15 @@ def setup(args, eval_seed):
     else:
         evaluator = evaluate.Evaluator("teacher", judge=teacher)
     data.check_lengths(policy, [student, teacher], (train or []) + held, args.max_new_tokens)
+    policy.lm, student.m = place(policy.lm, args.fsdp), place(student.m, args.fsdp)
     return Setup(policy, student, teacher, evaluator, dirs[0], train, held, args.device, world,
-                 world.oracle if world else None)
+                 world.oracle if world else None, args.max_shard_size * 1e9)
+
+
+def place(model, fsdp):
+    """A model that trains, as the run holds it: sharded across the processes under --fsdp (the teacher and
+    any judge stay whole on every process: they only score, and may do unequal work per process)."""
+    return train_loop.shard(model) if fsdp else model
 
 
 def round_prompts(S, n, seed):
@@ -153,10 +187,20 @@ def round_prompts(S, n, seed):
 # ---- Files, written atomically -------------------------------------------------------------------
 
 def write_json(path, obj, lines=False):
-    """obj as JSON (lines: a list, one object per line), written to a temporary file and renamed into place."""
+    """obj as standard JSON (lines: a list, one object per line), written aside and renamed into place. A
+    value that is not a finite number (a mean over nothing, or a NaN read from an older folder) is null."""
+    obj = finite(obj)
     with open(path + ".tmp", "w") as f:
-        f.write("".join(json.dumps(x) + "\n" for x in obj) if lines else json.dumps(obj, indent=1))
+        f.write("".join(json.dumps(x, allow_nan=False) + "\n" for x in obj) if lines
+                else json.dumps(obj, indent=1, allow_nan=False))
     os.replace(path + ".tmp", path)
+
+
+def finite(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    return {k: finite(v) for k, v in x.items()} if isinstance(x, dict) else [finite(v) for v in x] \
+        if isinstance(x, (list, tuple)) else x
 
 
 def read_json(path, lines=False):
@@ -174,16 +218,20 @@ def finished_rounds(out):
 
 def commit_round(out, r, write):
     """Call write(folder) on a temporary folder, then rename it to round_r: a crash leaves no half round.
-    Then rebuild metrics.jsonl from every finished round."""
-    tmp = os.path.join(out, f".round_{r}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    Then rebuild metrics.jsonl and report.html from every finished round. Under torchrun every process calls
+    this (sharded checkpoints are gathered by all of them); rank 0 writes."""
+    tmp, main = os.path.join(out, f".round_{r}.tmp"), train_loop.is_main()
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
     write(tmp)
-    final = os.path.join(out, f"round_{r}")
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
-    write_json(os.path.join(out, "metrics.jsonl"),
-               [read_json(os.path.join(out, f"round_{i}", "metrics.json")) for i in finished_rounds(out)], lines=True)
+    if main:
+        final = os.path.join(out, f"round_{r}")
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        write_json(os.path.join(out, "metrics.jsonl"),
+                   [read_json(os.path.join(out, f"round_{i}", "metrics.json")) for i in finished_rounds(out)], lines=True)
+        report.write_run_report(out)
 
 
 def load_base(out):
@@ -193,25 +241,32 @@ def load_base(out):
     return answers, [Pair(**p) for p in base["agreement_pairs"]], [Pair(**p) for p in base["warmup_pairs"]]
 
 
-def save_round(S, pairs, answers, metrics, folder):
+def save_round(S, pairs, answers, base, metrics, folder):
     """round_N: the policy and student checkpoints, pairs.jsonl (the format other preference-training tools
-    read, plus our margins and the policy's token ids), a few held-out answers, the metrics."""
-    save_model(S.policy.lm, os.path.join(folder, "policy"))
-    save_model(S.student.m, os.path.join(folder, "student"))
+    read, plus our margins and the policy's token ids), a few held-out answers (with the oracle's scores in
+    the default world), the metrics."""
+    save_model(S.policy.lm, os.path.join(folder, "policy"), S.max_shard_size)
+    save_model(S.student.m, os.path.join(folder, "student"), S.max_shard_size)
+    if not train_loop.is_main():
+        return
     write_json(os.path.join(folder, "pairs.jsonl"), [p.to_json() for p in pairs], lines=True)
+    score = lambda p, s: (S.oracle(p, s.text) if s.finished else 0.0) if S.oracle else None  # noqa: E731
     write_json(os.path.join(folder, "examples.json"),
-               [{"prompt": p, "response": g.text} for p, (g, _) in zip(S.eval_prompts[:5], answers)])
+               [{"prompt": p, "response": g.text, "oracle": score(p, g), "base_oracle": score(p, b)}
+                for p, (g, _), (b, _) in zip(S.eval_prompts[:5], answers, base)])
     write_json(os.path.join(folder, "metrics.json"), metrics)
 
 
 def save_round0(S, answers, agreement_pairs, warmup_pairs, warmed, metrics, folder):
     """round_0: base_eval.json (the base policy's held-out answers, the agreement and warm-up pairs), the
     metrics, and with warmed the student after its warm-up."""
+    if warmed:
+        save_model(S.student.m, os.path.join(folder, "student"), S.max_shard_size)
+    if not train_loop.is_main():
+        return
     base = {"greedy": [g.__dict__ for g, _ in answers], "sampled": [[s.__dict__ for s in g] for _, g in answers],
             "agreement_pairs": [p.to_json() for p in agreement_pairs], "warmup_pairs": [p.to_json() for p in warmup_pairs]}
     write_json(os.path.join(folder, "base_eval.json"), base)
-    if warmed:
-        save_model(S.student.m, os.path.join(folder, "student"))
     write_json(os.path.join(folder, "metrics.json"), metrics)
 
 
@@ -260,14 +315,45 @@ def open_run(args, explicit):
 
 # ---- What a finished run prints ------------------------------------------------------------------
 
+def draw_report(folders, output):
+    """--report: several run folders on the same axes (report.py), no training."""
+    try:
+        say(f"wrote {report.compare(folders, output)}")
+    except (OSError, ValueError) as e:
+        fail(str(e))
+
+
+class Stopped(Exception):
+    """SIGTERM (what a job scheduler sends), raised in the main thread so it stops the run as Ctrl-C does."""
+
+
+def on_sigterm(signum, frame):
+    raise Stopped()
+
+
+def stopped(out, status):
+    """One line instead of a traceback: what is saved, and the command that continues the run."""
+    done = finished_rounds(out) if out and os.path.isdir(out) else []
+    how = "Ctrl-C" if status == 130 else "SIGTERM"
+    if out and os.path.exists(os.path.join(out, "config.json")):
+        saved = f"rounds 0-{max(done)} are saved" if done else "no round is finished yet"
+        print(f"\ntsalign: stopped by {how}; {saved} in {out}; continue with: "
+              f"python tsalign.py --resume --out {out}", file=sys.stderr)
+    else:
+        print(f"\ntsalign: stopped by {how} before the run started; nothing is saved", file=sys.stderr)
+    sys.exit(status)
+
+
 def print_table(out):
     rows = read_json(os.path.join(out, "metrics.jsonl"), lines=True)
     print(f"\n{'round':>5} {'pairs':>6} {'teacher':>8} {'win(greedy)':>12} {'win(sampled)':>13} {'agreement':>10} "
           f"{'dpo loss':>9} {'policy len':>10}")
+    num = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731  (None: a round without that value)
     for m in rows:
         print(f"{m['round']:>5} {m.get('pairs', 0):>6} {m.get('teacher_calls', m.get('teacher_calls_warmup', 0)):>8} "
-              f"{m['win_rate_vs_base']:>12.3f} {m['win_rate_vs_base_sampled']:>13.3f} "
-              f"{m['student_teacher_agreement']:>10.3f} {m.get('dpo_loss', float('nan')):>9.4f} {m['policy_len']:>10.2f}")
+              f"{num(m['win_rate_vs_base'], '.3f'):>12} {num(m['win_rate_vs_base_sampled'], '.3f'):>13} "
+              f"{num(m.get('student_teacher_agreement'), '.3f'):>10} {num(m.get('dpo_loss'), '.4f'):>9} "
+              f"{num(m['policy_len'], '.2f'):>10}")
     print(f"(win rates judged by: {rows[-1]['win_rate_judge']}; ties count half)")
 
 

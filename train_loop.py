@@ -14,6 +14,7 @@ Shapes: B batch, T time, C model dim, V vocab, N response positions in a batch.
 """
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
@@ -70,10 +71,11 @@ def is_main():
     return rank() == 0
 
 
-def init_distributed(device):
-    """Join torchrun's process group if started by torchrun with several processes, and return the
-    device this process uses (cuda:LOCAL_RANK on GPUs). Plain `python` runs return device unchanged."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+def init_distributed(device, always=False):
+    """Join torchrun's process group if started by torchrun with several processes (or with always, even one,
+    as FSDP2 needs), and return the device this process uses (cuda:LOCAL_RANK on GPUs). Plain `python` runs
+    return device unchanged."""
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not (always and "LOCAL_RANK" in os.environ):
         return device
     if torch.device(device).type == "cuda":
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
@@ -99,6 +101,41 @@ def broadcast(obj):
 def finish():
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard(model):
+    """--fsdp: shard the model across the processes with FSDP2 (torch.distributed.fsdp.fully_shard): each
+    decoder block, then the rest (embeddings, final norm, output layer, tied or not). Each process then keeps
+    1/W of every weight, of its gradient and of its AdamW state; a forward gathers a block's weights just
+    before it runs, and training equals one process's, as DDP's does."""
+    from torch.distributed.fsdp import fully_shard
+    for block in model.decoder.blocks:
+        fully_shard(block)
+    return fully_shard(model)
+
+
+def sharded(model):
+    return any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2's parameters are DTensors
+
+
+@contextmanager
+def gathered(*models):
+    """The full weights of the sharded models on every process while the block runs, and no collective in
+    their forwards: so inference may do unequal work per process (spread's blocks), and sampling gathers
+    once, not once per token. Memory: each process holds the full weights for that time. Models that are
+    not sharded are left as they are."""
+    from torch.distributed.fsdp import FSDPModule
+    units = [u for m in models if sharded(m) for u in m.modules() if isinstance(u, FSDPModule)]
+    for u in units:  # every process calls this at the same point: the gathers are collectives
+        u.set_reshard_after_forward(False, recurse=False)
+        u.unshard()
+    try:
+        yield
+    finally:
+        for m in models:
+            for u in (x for x in m.modules() if x in units):
+                u.reshard()
+                u.set_reshard_after_forward(u is not m, recurse=False)  # FSDP2's own defaults: the root keeps its
 
 
 def spread(fn, *columns, block=64, desc=None):
@@ -161,9 +198,9 @@ def train(model, n_examples, loss_fn, tc):
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     W, R = world_size(), rank()
-    # The wrapper hooks an all-reduce of the gradients into backward. Our models hold no buffers that
-    # change, so none need re-broadcasting before every forward.
-    net = DistributedDataParallel(model, broadcast_buffers=False) if W > 1 else model
+    # DDP's wrapper hooks an all-reduce of the gradients into backward (our models hold no buffers that
+    # change, so none need re-broadcasting). A sharded model reduce-scatters its gradients itself.
+    net = DistributedDataParallel(model, broadcast_buffers=False) if W > 1 and not sharded(model) else model
     opt = make_optimizer(params, tc)
     per_step = tc.batch_size * tc.grad_accum
     steps_per_epoch = math.ceil(n_examples / per_step)
@@ -196,6 +233,7 @@ def train(model, n_examples, loss_fn, tc):
                     sums[k] = sums.get(k, 0.0) + float(v) * len(share)
                 seen += len(share)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)  # the same on every rank
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             if not torch.isfinite(grad_norm):
                 opt.zero_grad(set_to_none=True)
                 raise NonFiniteError(f"{tc.desc}: gradient norm is {grad_norm.item()} at step {step}; the update "
@@ -209,7 +247,10 @@ def train(model, n_examples, loss_fn, tc):
     model.eval()
     keys = sorted(sums)
     totals = _sum_over_ranks([sums[k] for k in keys] + [seen], device)
-    return {k: v / totals[-1] for k, v in zip(keys, totals)}
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (this process's shard)
+    nbytes = lambda ts: sum(local(t).numel() * t.element_size() for t in ts if torch.is_tensor(t))  # noqa: E731
+    return {**{k: v / totals[-1] for k, v in zip(keys, totals)}, "param_bytes": nbytes(params),
+            "optimizer_bytes": nbytes(v for s in opt.state.values() for v in s.values())}
 
 
 # ---- Log-probs of responses, with the output layer only where it is needed -----------------------
@@ -246,7 +287,8 @@ def _pair_logprobs(lm, pad_id, average, pairs):
 def reference_logprobs(lm, pairs, pad_id, batch_size=16, average=False):
     """Log-probs of the chosen and rejected responses of (prompt_ids, chosen_ids, rejected_ids) triples
     under lm, each (P,) on the CPU, in a no-grad pass."""
-    out = spread(partial(_pair_logprobs, lm, pad_id, average), pairs, block=batch_size)
+    with gathered(lm):
+        out = spread(partial(_pair_logprobs, lm, pad_id, average), pairs, block=batch_size)
     return torch.tensor([c for c, _ in out]), torch.tensor([r for _, r in out])
 
 

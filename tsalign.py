@@ -23,6 +23,7 @@ import argparse
 import math
 import os
 import random
+import signal
 import sys
 from dataclasses import dataclass, replace
 from functools import partial
@@ -162,18 +163,20 @@ def train_policy(policy, pairs, tc, dpo, lora_rank=0, reference=None):
 
 def run_round(r, prompts, S, cfg, replay):
     """One round of TS-Align on fresh prompts (S: the models, cfg: a RoundConfig). Trains S.policy and
-    S.student in place; returns the samples, the Mined pairs, the training losses and the seconds spent."""
+    S.student in place; returns the samples, the Mined pairs, the training metrics and the seconds spent."""
     clock, block = evaluate.Clock(), cfg.sample_batch
     seeds = [seed_for(cfg.seed, r, "sample", i) for i in range(len(prompts))]
-    samples = spread(partial(sample, S.policy, k=cfg.k, **cfg.sampling), prompts, seeds, block=block,
-                     desc=f"round {r}: sample")                                                   # 1.
+    with train_loop.gathered(S.policy.lm):  # under --fsdp: the policy's full weights, gathered once
+        samples = spread(partial(sample, S.policy, k=cfg.k, **cfg.sampling), prompts, seeds, block=block,
+                         desc=f"round {r}: sample")                                               # 1.
     pools = [candidates(g, repeats=cfg.selection == "teacher-all") for g in samples]
     clock.lap("sample")
     if cfg.selection == "teacher-all":  # the baseline: the teacher scores every candidate itself
         ranked = spread(partial(teacher_ranks_all, S.teacher), prompts, pools, block=block)
         clock.lap("teacher_score")
     else:
-        ranked = spread(partial(student_ranks, S.student), prompts, pools, block=block)           # 2.
+        with train_loop.gathered(S.student.m):
+            ranked = spread(partial(student_ranks, S.student), prompts, pools, block=block)       # 2.
         clock.lap("student_score")
         if cfg.selection == "ts-align":  # student-only, the other baseline, keeps the student's order
             ranked = spread(partial(teacher_decides, S.teacher), prompts, pools, ranked, block=block)  # 3.
@@ -182,15 +185,13 @@ def run_round(r, prompts, S, cfg, replay):
     trained = {}
     if mined.pairs and cfg.selection != "student-only":  # with no teacher the student has nothing new to learn
         tc = replace(cfg.student_train, seed=seed_for(cfg.seed, r, "train"), desc=f"round {r}: student")
-        trained["student_loss"] = train_student(S.student, replay + mined.pairs, tc, cfg.student_lora_rank,
-                                                cfg.student_margin)["loss"]                       # 5.
+        trained["student"] = train_student(S.student, replay + mined.pairs, tc, cfg.student_lora_rank,
+                                           cfg.student_margin)                                    # 5.
         clock.lap("student_train")
     if mined.pairs:
         tc = replace(cfg.policy_train, seed=seed_for(cfg.seed, r, "train"), desc=f"round {r}: policy (DPO)")
         reference = load_model(cfg.reference_dir, S.device) if cfg.reference_dir else None
-        dpo = train_policy(S.policy, mined.pairs, tc, cfg.dpo, cfg.lora_rank, reference)         # 6.
-        trained.update(dpo_loss=dpo["dpo_loss"], dpo_reward_accuracy=dpo["reward_accuracy"],
-                       dpo_reward_margin=dpo["reward_margin"], dpo_first_loss=dpo["dpo_first_loss"])
+        trained["policy"] = train_policy(S.policy, mined.pairs, tc, cfg.dpo, cfg.lora_rank, reference)  # 6.
         clock.lap("policy_train")
     return samples, mined, trained, clock.seconds
 
@@ -255,8 +256,9 @@ def held_out(S, cfg, r, base=None):
     """The round's held-out answers, and a function of the agreement pairs giving their metrics against the
     base's (base None: this is the base)."""
     seeds = [seed_for(cfg.seed, r, "eval", i) for i in range(len(S.eval_prompts))]
-    answers = spread(partial(answer, S.policy, **cfg.sampling), S.eval_prompts, seeds, block=cfg.sample_batch,
-                     desc=f"round {r}: evaluation")
+    with train_loop.gathered(S.policy.lm):
+        answers = spread(partial(answer, S.policy, **cfg.sampling), S.eval_prompts, seeds, block=cfg.sample_batch,
+                         desc=f"round {r}: evaluation")
     return answers, partial(evaluate.held_out_metrics, S.evaluator, S.student, S.eval_prompts, answers,
                             base or answers, oracle=S.oracle, block=cfg.sample_batch)
 
@@ -274,8 +276,9 @@ def round_zero(S, cfg, warmup, out):
         pool = S.train_prompts or [S.world.random_prompt(rng) for _ in range(4 * warmup)]
         prompts = rng.sample(pool, min(len(pool), 2 * warmup))
         seeds = [seed_for(cfg.seed, 0, "warmup", i) for i in range(len(prompts))]
-        groups = spread(partial(sample, S.policy, k=2, **cfg.sampling), prompts, seeds, block=cfg.sample_batch,
-                        desc="warm-up samples")
+        with train_loop.gathered(S.policy.lm):
+            groups = spread(partial(sample, S.policy, k=2, **cfg.sampling), prompts, seeds, block=cfg.sample_batch,
+                            desc="warm-up samples")
         twos = [(p, c[:2]) for p, c in zip(prompts, map(candidates, groups)) if c][:warmup]
         warm, calls = teacher_orders(S.teacher, [p for p, _ in twos], [c for _, c in twos], cfg.min_margin), 2 * len(twos)
         if warm:
@@ -284,8 +287,7 @@ def round_zero(S, cfg, warmup, out):
         run.say(f"student warm-up: {len(warm)} teacher-labelled pairs ({calls} teacher calls)")
     m = {"round": 0, "teacher_calls_warmup": calls, "agreement_pairs": len(agree), **metrics_of(agree)}
     m["seconds"] = {"eval": clock.lap("eval")}
-    if train_loop.is_main():
-        run.commit_round(out, 0, partial(run.save_round0, S, answers, agree, warm, warmup > 0, m))
+    run.commit_round(out, 0, partial(run.save_round0, S, answers, agree, warm, warmup > 0, m))
     return answers, agree, warm
 
 
@@ -293,6 +295,15 @@ def round_zero(S, cfg, warmup, out):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report:  # no training: draw the given run folders on the same axes
+        return run.draw_report(args.report, args.output)
+    try:
+        train(args)
+    except (KeyboardInterrupt, run.Stopped) as e:  # one line, what is saved, how to continue; 130 or 143
+        run.stopped(args.out, 143 if isinstance(e, run.Stopped) else 130)
+
+
+def train(args):
     torch.manual_seed(args.seed)  # a student from a causal LM gets a fresh head: drawn from this seed
     try:
         S = run.setup(args, eval_seed=seed_for(args.seed, 0, "eval"))
@@ -309,9 +320,9 @@ def main(argv=None):
     replay = warm + [Pair(**p) for i in range(1, last + 1)  # every teacher pair so far, for the student
                      for p in run.read_json(os.path.join(args.out, f"round_{i}", "pairs.jsonl"), lines=True)]
     if last >= 1:  # resuming: the last finished round's policy, and the newest student saved
-        S.policy.lm = load_model(os.path.join(args.out, f"round_{last}", "policy"), S.device)
+        S.policy.lm = run.place(load_model(os.path.join(args.out, f"round_{last}", "policy"), S.device), args.fsdp)
     if done and run.latest(args.out, last, "student"):
-        S.student.m = load_model(run.latest(args.out, last, "student"), S.device)
+        S.student.m = run.place(load_model(run.latest(args.out, last, "student"), S.device), args.fsdp)
     for r in range(last + 1, args.rounds + 1):
         prompts = run.round_prompts(S, args.prompts_per_round, seed_for(args.seed, r, "prompts"))
         samples, mined, trained, seconds = run_round(r, prompts, S, cfg, replay)
@@ -321,15 +332,15 @@ def main(argv=None):
         clock = evaluate.Clock()
         answers, metrics_of = held_out(S, cfg, r, base)
         m = {"round": r, **evaluate.pair_metrics(prompts, samples, mined, cfg.k, cfg.selection, S.teacher.judge, S.oracle),
-             **trained, **metrics_of(agree), "seconds": {**seconds, "eval": clock.lap("eval")}}
-        if train_loop.is_main():
-            run.commit_round(args.out, r, partial(run.save_round, S, mined.pairs, answers, m))
+             **evaluate.train_metrics(trained), **metrics_of(agree), "seconds": {**seconds, "eval": clock.lap("eval")}}
+        run.commit_round(args.out, r, partial(run.save_round, S, mined.pairs, answers, base, m))
         run.say(f"round {r}: {m['pairs']} pairs, teacher calls {m['teacher_calls']}, win rate vs base "
                 f"{m['win_rate_vs_base']:.3f} (sampled {m['win_rate_vs_base_sampled']:.3f}), "
-                f"student-teacher agreement {m['student_teacher_agreement']:.3f}")
+                f"student-teacher agreement {m['student_teacher_agreement'] or 0:.3f}")
     if train_loop.is_main():
         run.print_table(args.out)
         run.print_examples(args.out, base)
+        print(f"\nreport: {os.path.join(args.out, 'report.html')}")
     train_loop.finish()
 
 
@@ -366,6 +377,8 @@ def build_parser():
     a("--student-warmup", type=int, default=0, help="before round 1, the teacher labels this many base-policy pairs to train the student")
     a("--eval-count", type=int, default=None, help="held-out prompts to evaluate on (default: 2000 in the world, 64 otherwise)")
     a("--sample-batch", type=int, default=64, help="prompts sampled in one batch (also the unit of work split between torchrun processes)")
+    a("--fsdp", action="store_true", help="under torchrun: shard the policy and the student across the processes (FSDP2)")
+    a("--max-shard-size", type=float, default=5.0, help="saved checkpoints: GB per weight file before it is split into shards")
     a("--seed", type=int, default=0, help="seed of every random choice (prompts, samples, shuffles), per round")
     a("--out", default=None, help="run folder (default: a new dated folder under runs/)")
     a("--resume", action="store_true", help="continue the run in --out (default: the newest under runs/) after its last finished round")
@@ -382,6 +395,8 @@ def build_parser():
     a("--prompt-format", default=None, help=f"policy prompt format: {', '.join(data.FORMATS)}")
     a("--student-format", default=None, help="student prompt format (default: --prompt-format)")
     a("--teacher-format", default=None, help="teacher prompt format (default: --prompt-format)")
+    a("--report", nargs="+", metavar="RUN", help="no training: draw these run folders on the same axes into --output")
+    a("-o", "--output", default="compare.html", help="with --report: the page to write, or a .svg of the main charts")
     return p
 
 
@@ -395,15 +410,15 @@ def parse_args(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     explicit = {k for k, v in vars(args).items() if v != parser.get_default(k)}
+    if args.report:
+        return args
     import world
     defaults = world.RUN_DEFAULTS if args.policy is None else CHECKPOINT_DEFAULTS
     for k, v in defaults.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if args.policy is None:
-        args.prompt_format = args.prompt_format or world.FORMAT
     run.check(args)
-    device = train_loop.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = train_loop.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.fsdp)
     if train_loop.is_main():  # rank 0 opens the run folder; every process then takes its options
         args = run.open_run(args, explicit)
     args = train_loop.broadcast(args)
@@ -429,4 +444,5 @@ if __name__ == "__main__":
         from torch.distributed.elastic.multiprocessing.errors import record
         record(main)()
     else:
+        signal.signal(signal.SIGTERM, run.on_sigterm)
         main()

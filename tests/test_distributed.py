@@ -109,3 +109,54 @@ def test_a_dying_process_stops_the_run_and_the_last_round_survives(world, tmp_pa
     assert done and done == list(range(max(done) + 1))
     tsalign.main(["--resume", "--out", str(out), "--rounds", str(max(done) + 1)])
     assert [m["round"] for m in metrics(out)] == list(range(max(done) + 2))
+
+
+# ---- --fsdp: the policy and the student sharded across the processes (FSDP2) ---------------------
+
+# 12 prompts in blocks of 5: three blocks, which two processes cannot share evenly; held-out: 6 in blocks of 5.
+FSDP = ("--rounds", "1", "--sample-batch", "5", "--student-warmup", "0", "--device", "cpu")
+
+
+def test_fsdp_round_equals_one_process(world, tmp_path):
+    one, two = tmp_path / "one", tmp_path / "two"
+    tsalign.main(argv(world, one, *FSDP))
+    proc = torchrun(argv(world, two, *FSDP, "--fsdp"))
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log[-3000:]
+    assert pairs(one, 1) and pairs(two, 1) == pairs(one, 1)
+    for name in ("policy", "student"):
+        x = load_model(str(one / "round_1" / name), "cpu").state_dict()
+        y = load_model(str(two / "round_1" / name), "cpu").state_dict()
+        for k in x:
+            assert (x[k] - y[k]).abs().max() < 1e-4, (name, k)
+    # Each process held about half of the weights and of the AdamW state it trained (measured from its shards).
+    a, b = metrics(one)[1]["bytes_per_process"], metrics(two)[1]["bytes_per_process"]
+    for key in ("policy_param", "policy_optimizer", "student_param", "student_optimizer"):
+        assert 0.45 <= b[key] / a[key] <= 0.55, (key, a[key], b[key])
+    # The saved round is an ordinary Hugging Face checkpoint: transformers reads the same logits.
+    import transformers
+    ours = load_model(str(two / "round_1" / "policy"), "cpu")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(two / "round_1" / "policy", dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        assert (ours(ids) - theirs(ids).logits).abs().max() < 1e-5
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes in /proc")
+def test_fsdp_run_survives_a_killed_process_and_resumes(world, tmp_path):
+    out = tmp_path / "run"
+    proc = torchrun(argv(world, out, "--rounds", "100", "--sample-batch", "5", "--student-warmup", "0",
+                         "--device", "cpu", "--fsdp"))
+    deadline = time.time() + 240
+    while not os.path.exists(out / "round_1" / "metrics.json"):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0] if proc.poll() is not None else "slow"
+        time.sleep(0.05)
+    ranks = children(proc.pid)
+    os.kill(ranks[1], signal.SIGKILL)
+    log, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "SIGKILL" in log
+    done = run.finished_rounds(str(out))
+    resumed = torchrun(["--resume", "--out", str(out), "--rounds", str(max(done) + 1)])  # sharded again, 2 processes
+    log, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, log[-3000:]
+    assert [m["round"] for m in metrics(out)] == list(range(max(done) + 2))

@@ -2,6 +2,10 @@
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -69,6 +73,9 @@ def test_resume_equals_uninterrupted(world, tmp_path):
     (["--k", "1"], "--k must be at least 2"),
     (["--prompt-format", "nope"], "unknown prompt format 'nope'"),
     (["--policy", "/nonexistent/policy"], "does not exist"),
+    (["--rebuild-world"], "--rebuild-world is for the default world"),
+    (["--fsdp"], "--fsdp shards the models across torchrun's processes"),
+    (["--max-shard-size", "0"], "--max-shard-size must be positive"),
 ])
 def test_bad_options_fail_with_one_line(world, tmp_path, capsys, extra, message):
     with pytest.raises(SystemExit) as e:
@@ -167,3 +174,40 @@ def test_a_run_folder_written_before_the_redesign_still_resumes(world, tmp_path)
     assert [g.__dict__ for g, _ in answers] == base["greedy"]
     new_pairs = [json.loads(line) for line in (out / "round_2" / "pairs.jsonl").read_text().splitlines()]
     assert {tuple(p) for p in new_pairs} == {tuple(json.loads(old_pairs[0]))}  # today's keys, today's order
+
+
+@pytest.mark.parametrize("extra, named", [(["--prompts", "missing.jsonl"], "--prompts"), (["--eval-prompts", "x.txt"], "--eval-prompts"),
+                                          (["--judge", "somewhere"], "--judge"), (["--teacher-judge"], "--teacher-judge"),
+                                          (["--student-format", "chatml"], "--student-format")])
+def test_the_world_refuses_options_meant_for_checkpoints(tmp_path, capsys, extra, named):
+    with pytest.raises(SystemExit) as e:
+        tsalign.main(["--rounds", "1", "--out", str(tmp_path / "run"), *extra])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"tsalign: error: {named}: for real checkpoints") and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="POSIX signals")
+@pytest.mark.parametrize("sig, status, name", [(signal.SIGINT, 130, "Ctrl-C"), (signal.SIGTERM, 143, "SIGTERM")])
+def test_stopping_a_run_by_hand(world, tmp_path, sig, status, name):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "tsalign.py"), *argv(world, out, "--rounds", "100")],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not os.path.exists(out / "round_1" / "metrics.json"):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == status, err[-2000:]
+    done = run.finished_rounds(str(out))
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == (f"tsalign: stopped by {name}; rounds 0-{max(done)} are saved in {out}; "
+                                           f"continue with: python tsalign.py --resume --out {out}")
+    tsalign.main(["--resume", "--out", str(out), "--rounds", str(max(done) + 1)])
+    assert [m["round"] for m in metrics(out)] == list(range(max(done) + 2))
