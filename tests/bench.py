@@ -321,7 +321,7 @@ def bench_train(lm, hf, args, gen, results):
 
 def bench_round(lm, hf, args, gen, results):
     P, K, Tr = 16, 8, NEW
-    print(f"\na whole round: {P} prompts of 100-200 ids, the policy samples K={K} each (T=1, top-p 0.95, {Tr} new "
+    print(f"\na whole round: {P} prompts of 20-60 ids, the policy samples K={K} each (T=1, top-p 0.95, {Tr} new "
           f"tokens), the student (135M shape) scores all {P * K}, the teacher (360M shape) scores {2 * P}; one DPO step "
           f"and one student step on the {P} pairs (fused AdamW on both sides)")
     V = lm.config.vocab_size
@@ -329,7 +329,7 @@ def bench_round(lm, hf, args, gen, results):
         student, hf_student = load_pair(make_checkpoint(os.path.join(tmp, "student"), args.seed + 1, reward=True), True)
         teacher, hf_teacher = load_pair(make_checkpoint(os.path.join(tmp, "teacher"), args.seed + 2, SMOLLM2_360M,
                                                         reward=True), True)
-    prompts = random_prompts(P, 100, 200, gen, V)
+    prompts = random_prompts(P, 20, 60, gen, V)
     g = torch.Generator().manual_seed(args.seed)
     opts = {m: torch.optim.AdamW(m.parameters(), lr=1e-7, fused=True) for m in (lm, hf, student, hf_student)}
 
