@@ -30,7 +30,8 @@ CHARTS = [
     ("Pairs kept and dropped", [("kept", "pairs", None)] + [(r.replace("_", " "), "dropped:" + r, None) for r in
                                ("too_few_finished", "identical", "low_margin", "invalid_judge")]),
 ]
-SVG_CHARTS = ("Win rate vs base (greedy)", "Oracle accuracy", "Teacher calls, cumulative")  # the -o .svg summary
+CHARTS_BY_TITLE = dict(CHARTS)
+SVG_CHARTS = ("Win rate vs base (greedy)", "Oracle accuracy", "Teacher calls, cumulative")  # -o .svg: first series
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
 DASHES = ("", "6 3", "2 3", "8 3 2 3", "1 2")
 
@@ -69,18 +70,20 @@ def line_chart(title, series, width=440, height=270):
            f'font-size="13">{html.escape(title)}</text>']
     if not points:
         return "\n".join(svg + [f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>'])
-    x0, x1 = min(p[0] for p in points), max(max(p[0] for p in points), min(p[0] for p in points) + 1)
+    first, last = min(p[0] for p in points), max(p[0] for p in points)
+    x0, x1 = (first, last) if last > first else (first - 1, last + 1)  # one round: centred
     y0, y1 = min(y - e for _, y, e in points), max(y + e for _, y, e in points)
     pad = (y1 - y0) * 0.1 or abs(y1) * 0.1 or 1.0
-    y0, y1 = y0 - pad, y1 + pad
+    y0, y1 = (y0 - pad if y0 - pad >= 0 or y0 < 0 else 0.0), y1 + pad  # counts and rates do not go below 0
     sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)           # noqa: E731
     sy = lambda y: top + (y1 - y) / (y1 - y0) * (height - top - 40)               # noqa: E731
     svg.append(f'<path d="M{left},{top}V{height - 40}H{width - right}" fill="none" stroke="#444"/>')
     for i in range(5):  # y grid and labels
         v = y0 + (y1 - y0) * i / 4
+        tick = f"{v / 1000:.3g}k" if abs(y1) >= 1000 else f"{v:.3g}"
         svg.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" stroke="#eee"/>'
-                   f'<text x="{left - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
-    for x in range(int(x0), int(x1) + 1):
+                   f'<text x="{left - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{tick}</text>')
+    for x in range(int(first), int(last) + 1):
         svg.append(f'<text x="{sx(x):.1f}" y="{height - 26}" text-anchor="middle">{x}</text>')
     svg.append(f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">round</text>')
     for k, (label, color, dash, pts) in enumerate(series):
@@ -95,8 +98,8 @@ def line_chart(title, series, width=440, height=270):
             svg.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{color}"><title>'
                        f'{html.escape(label)}, round {x}: {value}</title></circle>')
         ly = height + 16 * k - 4
-        svg.append(f'<line x1="{left}" x2="{left + 24}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2" '
-                   f'stroke-dasharray="{dash}"/><text x="{left + 30}" y="{ly + 4}">{html.escape(label)}</text>')
+        svg.append(f'<line x1="10" x2="34" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2" stroke-dasharray='
+                   f'"{dash}"/><text x="40" y="{ly + 4}" font-size="10">{html.escape(label)}</text>')
     return "\n".join(svg + ["</svg>"])
 
 
@@ -119,28 +122,34 @@ def read_run(folder):
 
 
 def labels(runs):
-    """A legend entry per run: its selection and seed, and every option in which the runs differ."""
-    keys = {k for r in runs for k in r["config"]} - {"out", "resume", "rounds", "device", "rebuild_world"}
+    """A legend entry per run: its selection and seed, and every option in which the runs differ (a path by
+    its last three parts)."""
+    keys = set.intersection(*(set(r["config"]) for r in runs)) - {"out", "resume", "rounds", "device", "rebuild_world"}
     differ = sorted(k for k in keys if len({json.dumps(r["config"].get(k)) for r in runs}) > 1)
-    shown = ["selection", "seed"] + [k for k in differ if k not in ("selection", "seed")]
-    return [", ".join(f"{k}={r['config'].get(k)}" for k in shown) for r in runs]
+    short = lambda v: "/".join(str(v).split(os.sep)[-3:])  # noqa: E731
+    return [", ".join([str(r["config"].get("selection")), f"seed {r['config'].get('seed')}"]
+                      + [f"{k} {short(r['config'][k])}" for k in differ if k not in ("selection", "seed")
+                         and r["config"].get(k) is not None]) for r in runs]
 
 
-def charts(runs, titles=None):
-    """The CHARTS (or those titled in titles) for these runs: one series per run and metric."""
+def charts(runs, titles=None, first_only=False):
+    """The CHARTS (or those titled in titles; with first_only, their first series only) for these runs: one
+    series per run and metric."""
     names = labels(runs) if len(runs) > 1 else [""]
     out = []
     for title, specs in CHARTS:
         if titles and title not in titles:
             continue
+        specs = specs[:1] if first_only else specs
         series = []
         for i, (run, name) in enumerate(zip(runs, names)):
             for j, (label, key, err) in enumerate(specs):
                 points = [(m["round"], number(m.get(key)), number(m.get(err)) if err else None) for m in run["rows"]]
                 if any(y is not None for _, y, _ in points):
-                    series.append((f"{name}: {label}" if name else label,
+                    series.append((name if name and first_only else f"{name}: {label}" if name else label,
                                    COLORS[(i if len(runs) > 1 else j) % len(COLORS)], DASHES[j % len(DASHES)], points))
-        out.append(line_chart(title, series))
+        out.append(line_chart(f"{title} ({specs[0][0]})" if first_only and len(CHARTS_BY_TITLE[title]) > 1 else title,
+                              series))
     return out
 
 
@@ -202,7 +211,7 @@ def compare(folders, output):
             raise FileNotFoundError(f"{f} is not a run folder (no metrics.jsonl)")
     runs = [read_run(f) for f in folders]
     if output.endswith(".svg"):
-        svgs = charts(runs, SVG_CHARTS)
+        svgs = charts(runs, SVG_CHARTS, first_only=True)
         width, height = 440 * len(svgs), max(int(s.split('height="')[1].split('"')[0]) for s in svgs)
         body = "".join(s.replace("<svg ", f'<svg x="{440 * i}" ', 1) for i, s in enumerate(svgs))
         write(output, f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}">{body}</svg>\n')

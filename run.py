@@ -279,7 +279,7 @@ def latest(out, last, name):
 # ---- Opening a run: a new folder, or the one to resume -------------------------------------------
 
 # Options that may differ on --resume without changing what the run computes.
-RESUME_FREE = ("rounds", "resume", "out", "rebuild_world", "device")
+RESUME_FREE = ("rounds", "resume", "out", "rebuild_world", "device", "report", "output")
 
 
 def open_run(args, explicit):
@@ -334,11 +334,13 @@ def on_sigterm(signum, frame):
 def stopped(out, status):
     """One line instead of a traceback: what is saved, and the command that continues the run."""
     done = finished_rounds(out) if out and os.path.isdir(out) else []
-    how = "Ctrl-C" if status == 130 else "SIGTERM"
-    if out and os.path.exists(os.path.join(out, "config.json")):
+    how, launch = "Ctrl-C" if status == 130 else "SIGTERM", "torchrun ..." if "LOCAL_RANK" in os.environ else "python"
+    if not train_loop.is_main():
+        pass
+    elif out and os.path.exists(os.path.join(out, "config.json")):
         saved = f"rounds 0-{max(done)} are saved" if done else "no round is finished yet"
         print(f"\ntsalign: stopped by {how}; {saved} in {out}; continue with: "
-              f"python tsalign.py --resume --out {out}", file=sys.stderr)
+              f"{launch} tsalign.py --resume --out {out}", file=sys.stderr)
     else:
         print(f"\ntsalign: stopped by {how} before the run started; nothing is saved", file=sys.stderr)
     sys.exit(status)

@@ -198,9 +198,9 @@ def train(model, n_examples, loss_fn, tc):
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     W, R = world_size(), rank()
-    # DDP's wrapper hooks an all-reduce of the gradients into backward (our models hold no buffers that
-    # change, so none need re-broadcasting). A sharded model reduce-scatters its gradients itself.
-    net = DistributedDataParallel(model, broadcast_buffers=False) if W > 1 and not sharded(model) else model
+    # DDP's wrapper hooks an all-reduce of the gradients into backward (our models hold no buffers, so it
+    # has none to re-broadcast). A sharded model reduce-scatters its gradients itself.
+    net = DistributedDataParallel(model) if W > 1 and not sharded(model) else model
     opt = make_optimizer(params, tc)
     per_step = tc.batch_size * tc.grad_accum
     steps_per_epoch = math.ceil(n_examples / per_step)

@@ -312,7 +312,8 @@ def train(args):
     cfg = round_config(args, S.base_dir)
     done = train_loop.broadcast(run.finished_rounds(args.out) if train_loop.is_main() else None)
     if train_loop.is_main():
-        run.write_json(os.path.join(args.out, "config.json"), vars(args))
+        run.write_json(os.path.join(args.out, "config.json"),
+                       {k: v for k, v in vars(args).items() if k not in ("report", "output")})
     last = max(done) if done else 0
     run.say(f"run folder: {args.out}" + (f" (resuming after round {last})" if done else "")
             + (f", {train_loop.world_size()} processes" if train_loop.world_size() > 1 else ""))

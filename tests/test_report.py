@@ -118,7 +118,7 @@ def test_several_runs_on_the_same_axes(two_rounds, tmp_path):
     page = open(report.compare([str(two_rounds), str(other)], str(tmp_path / "compare.html"))).read()
     win = drawn(svgs(page)[0])
     labels = {label for label, _ in win}
-    assert len(labels) == 2 and all(label.startswith("selection=ts-align, seed=0") for label in labels)
+    assert len(labels) == 2 and all(label.startswith("ts-align, seed 0, ") for label in labels)  # and how they differ
     svg = report.compare([str(two_rounds), str(other)], str(tmp_path / "compare.svg"))
     ET.parse(svg)  # one well-formed SVG
     with pytest.raises(FileNotFoundError, match="not a run folder"):
