@@ -332,17 +332,18 @@ def on_sigterm(signum, frame):
 
 
 def stopped(out, status):
-    """One line instead of a traceback: what is saved, and the command that continues the run."""
-    done = finished_rounds(out) if out and os.path.isdir(out) else []
-    how, launch = "Ctrl-C" if status == 130 else "SIGTERM", "torchrun ..." if "LOCAL_RANK" in os.environ else "python"
-    if not train_loop.is_main():
-        pass
-    elif out and os.path.exists(os.path.join(out, "config.json")):
-        saved = f"rounds 0-{max(done)} are saved" if done else "no round is finished yet"
-        print(f"\ntsalign: stopped by {how}; {saved} in {out}; continue with: "
-              f"{launch} tsalign.py --resume --out {out}", file=sys.stderr)
-    else:
-        print(f"\ntsalign: stopped by {how} before the run started; nothing is saved", file=sys.stderr)
+    """One line instead of a traceback: what is saved, and the command that continues the run. Under
+    torchrun every process is stopped, and process 0 alone says so."""
+    if train_loop.is_main():
+        how = "Ctrl-C" if status == 130 else "SIGTERM"
+        launch = "torchrun ..." if "LOCAL_RANK" in os.environ else "python"
+        if out and os.path.exists(os.path.join(out, "config.json")):
+            done = finished_rounds(out)
+            saved = f"rounds 0-{max(done)} are saved" if done else "no round is finished yet"
+            print(f"\ntsalign: stopped by {how}; {saved} in {out}; continue with: "
+                  f"{launch} tsalign.py --resume --out {out}", file=sys.stderr)
+        else:
+            print(f"\ntsalign: stopped by {how} before the run started; nothing is saved", file=sys.stderr)
     sys.exit(status)
 
 
