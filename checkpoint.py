@@ -314,14 +314,17 @@ def shard_plan(model, max_shard_size):
     plan, size = [[]], 0
     for name, (theirs, how) in hf_names(model).items():
         p = model.get_parameter(name)
-        parts = model.get_submodule(name.rsplit(".", 1)[0]).parts if how == "cat" else [p.shape[0] if p.dim() else 1]
-        for t, n in zip(theirs, parts):
-            nbytes = p.numel() // max(1, p.shape[0] if p.dim() else 1) * n * p.element_size()
-            if plan[-1] and size + nbytes > max_shard_size:
+        nbytes = p.numel() * p.element_size()
+        if how == "cat":  # a fused parameter: each part's share of its rows
+            sizes = [nbytes // p.shape[0] * n for n in model.get_submodule(name.rsplit(".", 1)[0]).parts]
+        else:
+            sizes = [nbytes]
+        for t, t_bytes in zip(theirs, sizes):
+            if plan[-1] and size + t_bytes > max_shard_size:
                 plan.append([])
                 size = 0
             plan[-1].append(t)
-            size += nbytes
+            size += t_bytes
     return plan
 
 

@@ -116,8 +116,8 @@ class Evaluator:
     def outcomes(self, prompts, ours, base):
         """Per pair of data.Samples: 1 win, 0.5 tie, 0 loss (an invalid judge answer counts as a tie)."""
         if self.oracle is not None:
-            a = [self.oracle(p, s.text) if s.finished else 0.0 for p, s in zip(prompts, ours)]
-            b = [self.oracle(p, s.text) if s.finished else 0.0 for p, s in zip(prompts, base)]
+            a = [oracle_score(self.oracle, p, s) for p, s in zip(prompts, ours)]
+            b = [oracle_score(self.oracle, p, s) for p, s in zip(prompts, base)]
             return [1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)]
         out = [0.5] * len(prompts)  # the same response twice is a tie, without asking
         ask = [i for i, (x, y) in enumerate(zip(ours, base)) if (x.text, x.finished) != (y.text, y.finished)]
@@ -134,6 +134,11 @@ class Evaluator:
                              [x for _, s in answers for x in s], [x for _, s in base for x in s])
         n = len(answers[0][1]) if answers else 0
         return [(g, flat[i * n:(i + 1) * n]) for i, g in enumerate(greedy)]
+
+
+def oracle_score(oracle, prompt, sample):
+    """The default world's oracle on a data.Sample: a truncated response scores 0, as it never answered."""
+    return oracle(prompt, sample.text) if sample.finished else 0.0
 
 
 def win_stats(outcomes, prefix):
@@ -172,7 +177,7 @@ def held_out_metrics(evaluator, student, prompts, answers, base, agreement_pairs
         agrees = train_loop.spread(partial(student_agrees, student), agreement_pairs, block=64)
     m["student_teacher_agreement"] = mean(agrees)
     if oracle is not None:  # the default world's; on the pairs it tells apart, are teacher and student right?
-        scores = [oracle(p, s.text) if s.finished else 0.0 for p, s in zip(prompts, greedy)]
+        scores = [oracle_score(oracle, p, s) for p, s in zip(prompts, greedy)]
         m["oracle_reward"], m["oracle_exact"] = mean(scores), mean([x == 1.0 for x in scores])
         both = [(oracle(p.prompt, p.chosen), oracle(p.prompt, p.rejected)) for p in agreement_pairs]
         decided = [i for i, (c, r) in enumerate(both) if c != r]
@@ -193,8 +198,8 @@ def pair_metrics(prompts, samples, mined, k, selection, teacher_judge, oracle=No
          "rejected_len": mean([len(p.rejected_ids) for p in pairs]),
          "chosen_longer_share": mean([len(p.chosen_ids) > len(p.rejected_ids) for p in pairs])}
     if oracle is not None:  # the early warning of over-optimisation: are the mined pairs still right?
-        decided = [p for p in pairs if oracle(p.prompt, p.chosen) != oracle(p.prompt, p.rejected)]
-        m["pairs_oracle_accuracy"] = mean([oracle(p.prompt, p.chosen) > oracle(p.prompt, p.rejected) for p in decided])
+        both = [(oracle(p.prompt, p.chosen), oracle(p.prompt, p.rejected)) for p in pairs]
+        m["pairs_oracle_accuracy"] = mean([c > r for c, r in both if c != r])
     return m
 
 

@@ -22,6 +22,7 @@ import random
 import shutil
 import sys
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 
@@ -142,8 +143,9 @@ def setup(args, eval_seed):
             world.ensure_world(args.rebuild_world)
         train_loop.barrier()
         # --student, --teacher: another student or teacher in the world (a distilled student, for one)
-        dirs = [os.path.join(world.ensure_world(), "policy"), args.student or os.path.join(world.ensure_world(), "student"),
-                args.teacher or os.path.join(world.ensure_world(), "teacher")]
+        built = world.ensure_world()
+        dirs = [os.path.join(built, "policy"), args.student or os.path.join(built, "student"),
+                args.teacher or os.path.join(built, "teacher")]
         rng, n = random.Random(eval_seed), args.eval_count
         train, held = None, list(dict.fromkeys(world.random_prompt(rng) for _ in range(2 * n)))[:n]
     else:
@@ -183,6 +185,7 @@ def round_prompts(S, n, seed):
         if p not in held:
             out.append(p)
     return out
+
 
 # ---- Files, written atomically -------------------------------------------------------------------
 
@@ -250,7 +253,7 @@ def save_round(S, pairs, answers, base, metrics, folder):
     if not train_loop.is_main():
         return
     write_json(os.path.join(folder, "pairs.jsonl"), [p.to_json() for p in pairs], lines=True)
-    score = lambda p, s: (S.oracle(p, s.text) if s.finished else 0.0) if S.oracle else None  # noqa: E731
+    score = partial(evaluate.oracle_score, S.oracle) if S.oracle else lambda p, s: None
     write_json(os.path.join(folder, "examples.json"),
                [{"prompt": p, "response": g.text, "oracle": score(p, g), "base_oracle": score(p, b)}
                 for p, (g, _), (b, _) in zip(S.eval_prompts[:5], answers, base)])

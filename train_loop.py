@@ -125,17 +125,16 @@ def gathered(*models):
     once, not once per token. Memory: each process holds the full weights for that time. Models that are
     not sharded are left as they are."""
     from torch.distributed.fsdp import FSDPModule
-    units = [u for m in models if sharded(m) for u in m.modules() if isinstance(u, FSDPModule)]
-    for u in units:  # every process calls this at the same point: the gathers are collectives
+    units = [(u, u is m) for m in models if sharded(m) for u in m.modules() if isinstance(u, FSDPModule)]
+    for u, _ in units:  # every process calls this at the same point: the gathers are collectives
         u.set_reshard_after_forward(False, recurse=False)
         u.unshard()
     try:
         yield
     finally:
-        for m in models:
-            for u in (x for x in m.modules() if x in units):
-                u.reshard()
-                u.set_reshard_after_forward(u is not m, recurse=False)  # FSDP2's own defaults: the root keeps its
+        for u, root in units:
+            u.reshard()
+            u.set_reshard_after_forward(not root, recurse=False)  # FSDP2's own defaults: the root keeps its
 
 
 def spread(fn, *columns, block=64, desc=None):

@@ -322,8 +322,8 @@ def train(args):
                      for p in run.read_json(os.path.join(args.out, f"round_{i}", "pairs.jsonl"), lines=True)]
     if last >= 1:  # resuming: the last finished round's policy, and the newest student saved
         S.policy.lm = run.place(load_model(os.path.join(args.out, f"round_{last}", "policy"), S.device), args.fsdp)
-    if done and run.latest(args.out, last, "student"):
-        S.student.m = run.place(load_model(run.latest(args.out, last, "student"), S.device), args.fsdp)
+    if done and (student_dir := run.latest(args.out, last, "student")):
+        S.student.m = run.place(load_model(student_dir, S.device), args.fsdp)
     for r in range(last + 1, args.rounds + 1):
         prompts = run.round_prompts(S, args.prompts_per_round, seed_for(args.seed, r, "prompts"))
         samples, mined, trained, seconds = run_round(r, prompts, S, cfg, replay)
