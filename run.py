@@ -139,11 +139,11 @@ def setup(args, eval_seed):
     if args.policy is None:
         import world
         torch.set_num_threads(1)  # tiny models: two OpenMP threads would spin against each other
-        if train_loop.is_main():  # rank 0 builds the world if it is not cached; the others wait, then read it
-            world.ensure_world(args.rebuild_world)
+        if args.rebuild_world and train_loop.is_main():  # rank 0 builds; the others wait, then read it
+            world.rebuild()
         train_loop.barrier()
+        built = world.cache_folder() if args.rebuild_world else world.SHIPPED
         # --student, --teacher: another student or teacher in the world (a distilled student, for one)
-        built = world.ensure_world()
         dirs = [os.path.join(built, "policy"), args.student or os.path.join(built, "student"),
                 args.teacher or os.path.join(built, "teacher")]
         rng, n = random.Random(eval_seed), args.eval_count

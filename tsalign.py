@@ -383,7 +383,7 @@ def build_parser():
     a("--seed", type=int, default=0, help="seed of every random choice (prompts, samples, shuffles), per round")
     a("--out", default=None, help="run folder (default: a new dated folder under runs/)")
     a("--resume", action="store_true", help="continue the run in --out (default: the newest under runs/) after its last finished round")
-    a("--rebuild-world", action="store_true", help="rebuild the default world even if it is cached")
+    a("--rebuild-world", action="store_true", help="build the default world anew (into ~/.cache/tsalign/world) instead of using the shipped one")
     a("--device", default=None, help="cpu or cuda (default: cuda when available)")
     a("--policy", default=None, help="policy checkpoint folder (Hugging Face format); none: the embedded default world")
     a("--student", default=None, help="student checkpoint: a reward model, or a causal LM that gets a fresh scalar head")

@@ -15,10 +15,12 @@ Why this world shows what the paper claims (a prototype measured it before it wa
   pairs: good, not perfect. The student (much smaller) is trained on few: weak. Student-only selection
   lets the policy game the weak student; the teacher's verdict keeps it honest.
 
-The three models are ordinary Hugging Face checkpoints with a word-level tokenizer, cached under
-~/.cache/tsalign/ keyed by the code that builds them (BUILD_MODULES) and the settings.
+The three models are ordinary Hugging Face checkpoints with a word-level tokenizer. They ship with the
+repository (default_world/, under 1 MB), so every machine runs on the same weights and nothing is built on
+first use. `build` makes them again: `python world.py DIR`, or `--rebuild-world`, which builds into the user's
+cache and never over the shipped files. A rebuild is close to the shipped world, not equal to it: the build
+trains, and matrix kernels differ between CPU kinds in their last bits.
 """
-import hashlib
 import json
 import os
 import random
@@ -35,7 +37,7 @@ from checkpoint import config_from_hf, save_model
 from data import Pair
 from generate import generate
 
-# ---- Settings (part of the cache key) ------------------------------------------------------------
+# ---- Settings (world.json records those the shipped world was built with) -----------------------
 
 SETTINGS = dict(
     min_len=4, max_len=7,
@@ -227,34 +229,33 @@ def build(folder):
     return info
 
 
-# Every module the world's build runs (a test checks this list against what `import world` loads).
-BUILD_MODULES = ("world.py", "model.py", "checkpoint.py", "generate.py", "data.py", "losses.py", "train_loop.py")
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_world")
 
 
-def cache_key():
-    """A hash of the code that builds the world (BUILD_MODULES) and its settings: a change in any of them,
-    an optimizer's for one, builds a different world."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    code = b""
-    for name in BUILD_MODULES:
-        with open(os.path.join(here, name), "rb") as f:
-            code += f.read()
-    return hashlib.sha256(code + json.dumps(SETTINGS, sort_keys=True).encode()).hexdigest()[:16]
+def cache_folder():
+    """Where --rebuild-world builds: ~/.cache/tsalign/world (or under $XDG_CACHE_HOME)."""
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tsalign", "world")
 
 
-def ensure_world(rebuild=False):
-    """The world's folder, built on first use (or when rebuild is set), reused afterwards."""
-    root = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tsalign")
-    folder = os.path.join(root, f"world-{cache_key()}")
-    if rebuild and os.path.isdir(folder):
-        shutil.rmtree(folder)
-    if not os.path.exists(os.path.join(folder, "world.json")):
-        os.makedirs(root, exist_ok=True)
-        tmp = tempfile.mkdtemp(dir=root, prefix=".building-")
-        info = build(tmp)
-        if os.path.isdir(folder):
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)  # atomic: an interrupted build leaves no half-built world behind
-        print(f"built the default world in {folder}: teacher accuracy {info['teacher_accuracy']:.3f}, "
-              f"student accuracy {info['student_accuracy']:.3f} on held-out oracle pairs")
-    return folder
+def rebuild():
+    """Build a world now into cache_folder(), replacing the one there whole (an interrupted build leaves the
+    previous one in place). The shipped world is never touched."""
+    target = cache_folder()
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".building-")
+    info = build(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    print(f"built the default world in {target}: teacher accuracy {info['teacher_accuracy']:.3f}, "
+          f"student accuracy {info['student_accuracy']:.3f} on held-out oracle pairs")
+    return target
+
+
+if __name__ == "__main__":  # python world.py DIR: build a world into DIR (never over the shipped one)
+    import sys
+    if len(sys.argv) != 2 or os.path.abspath(sys.argv[1]) == SHIPPED:
+        sys.exit("usage: python world.py DIR  (a new folder for the built world; not default_world/)")
+    if os.path.exists(sys.argv[1]):
+        sys.exit(f"world.py: {sys.argv[1]} exists; give a new folder")
+    os.makedirs(sys.argv[1])
+    print(json.dumps(build(sys.argv[1]), indent=1))

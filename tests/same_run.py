@@ -6,13 +6,13 @@ on the default world and compare what they wrote.
     python tests/same_run.py 5540fa7 --selection ts-align --rounds 1
     python tests/same_run.py 5540fa7 --selection "student-only --min-margin 0.1"   # a case: selection, options
 
-For each case, both sides run `python tsalign.py --rounds R --seed S --rebuild-world --selection X [options]`
-(the earlier commit from a `git worktree`, each side with its own world cache, so each builds its world
-with its own code). Then every round's pairs.jsonl must be byte-identical, and metrics.jsonl equal but for
-the timing field `seconds`. A reshaping of the code must pass this; a change of the arithmetic (a fused
+For each case, both sides run `python tsalign.py --rounds R --seed S --selection X [options]` (the earlier
+commit from a `git worktree`) on the world that ships with the repository (default_world/), so both sides
+start from the same weights; the earlier commit must ship it too. Then every round's pairs.jsonl must be
+byte-identical, and metrics.jsonl equal but for the timing field `seconds`. A reshaping of the code must pass this; a change of the arithmetic (a fused
 matrix product, another optimizer) is expected to fail it, and should then be re-measured instead.
 
-Not a test (pytest collects only test_*.py): it takes about 3 minutes per side and selection on 2 cores.
+Not a test (pytest collects only test_*.py): it takes about 1 minute per side and selection on 2 cores.
 """
 import argparse
 import json
@@ -25,13 +25,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SELECTIONS = ("ts-align", "teacher-all", "student-only")
 
 
-def run(code_dir, out, cache, case, rounds, seed):
+def run(code_dir, out, case, rounds, seed):
     selection, *options = case.split()
     cmd = [sys.executable, os.path.join(code_dir, "tsalign.py"), "--rounds", str(rounds), "--seed", str(seed),
-           "--rebuild-world", "--selection", selection, *options, "--out", out]
+           "--selection", selection, *options, "--out", out]
     with open(out + ".log", "w") as log:  # progress bars and printed results, kept beside the run
-        subprocess.run(cmd, cwd=code_dir, env={**os.environ, "XDG_CACHE_HOME": cache}, check=True,
-                       stdout=log, stderr=subprocess.STDOUT)
+        subprocess.run(cmd, cwd=code_dir, check=True, stdout=log, stderr=subprocess.STDOUT)
 
 
 def same(u, v):
@@ -73,12 +72,14 @@ def main():
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     failed = False
     try:
+        if not os.path.isdir(os.path.join(old, "default_world")):
+            sys.exit(f"{args.commit} does not ship default_world/: its runs would build their own world")
         for sel in args.selection.split(","):
             outs = {}
             for side, code in (("old", old), ("new", ROOT)):
                 outs[side] = os.path.join(work, f"{side}-{sel.replace(' ', '_')}")
                 if not os.path.exists(os.path.join(outs[side], "metrics.jsonl")):
-                    run(code, outs[side], os.path.join(work, f"cache-{side}"), sel, args.rounds, args.seed)
+                    run(code, outs[side], sel, args.rounds, args.seed)
             diffs = compare(outs["old"], outs["new"], args.rounds)
             n_pairs = [sum(1 for _ in open(os.path.join(outs["new"], f"round_{r}", "pairs.jsonl")))
                        for r in range(1, args.rounds + 1)]
