@@ -15,6 +15,7 @@ import torch.distributed as dist
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from encoder import ACTS, EncoderConfig, EncoderRewardModel
 from model import CausalLM, ModelConfig, RewardModel, lora_delta
 
 # ---- config.json -> ModelConfig ------------------------------------------------------------------
@@ -28,6 +29,7 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": ("qwen3", False), "Qwen3ForSequenceClassification": ("qwen3", True),
     "GPT2LMHeadModel": ("gpt2", False), "GPT2ForSequenceClassification": ("gpt2", True),
     "LlamaRewardModel": ("llama", True),  # UltraRM-13B, the paper's teacher: its head is `regression_head`
+    "DebertaV2ForSequenceClassification": ("deberta-v2", True),  # an encoder (encoder.py): the paper's student
 }
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_fast": "gelu_tanh", "gelu": "gelu"}
@@ -53,6 +55,8 @@ def config_from_hf(hf, generation=None, source=None):
     stops = list(dict.fromkeys(_as_list(hf.get("eos_token_id")) + _as_list((generation or {}).get("eos_token_id"))))
     common = dict(arch=arch, family=family, reward=reward, vocab_size=hf["vocab_size"], stop_token_ids=stops,
                   bos_token_id=hf.get("bos_token_id"), pad_token_id=hf.get("pad_token_id"), hf=hf, source=source)
+    if family == "deberta-v2":
+        return encoder_config(hf, common)
     if family == "gpt2":
         C = hf["n_embd"]
         return ModelConfig(**common, n_layer=hf["n_layer"], n_head=hf["n_head"], n_kv_head=hf["n_head"],
@@ -99,6 +103,61 @@ def sliding_windows(hf, family):
     return windows if any(windows) else None
 
 
+# DebertaV2Config's defaults, which transformers uses for a key config.json leaves out (the last row: keys
+# its modules read with a default of their own).
+DEBERTA_DEFAULTS = dict(
+    hidden_size=1536, num_hidden_layers=24, num_attention_heads=24, intermediate_size=6144, hidden_act="gelu",
+    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=0,
+    layer_norm_eps=1e-7, relative_attention=False, max_relative_positions=-1, pad_token_id=0,
+    position_biased_input=True, pos_att_type=None, pooler_dropout=0.0, pooler_hidden_act="gelu",
+    share_att_key=False, position_buckets=-1, norm_rel_ebd="none", conv_kernel_size=0, conv_groups=1,
+    conv_act="tanh", cls_dropout=None)
+
+
+def encoder_config(hf, common):
+    """A DeBERTa-v2/v3 config.json as EncoderConfig. A setting encoder.py does not implement is an error
+    that names its key."""
+    get = lambda k: hf.get(k, DEBERTA_DEFAULTS[k])  # noqa: E731
+    C, H = get("hidden_size"), get("num_attention_heads")
+    where = f"in config.json of {common['source']}" if common["source"] else "in config.json"
+
+    def refuse(key, why):
+        raise ValueError(f"{key} {hf.get(key)!r} {where}: {why}")
+
+    for key, bad, why in [
+            ("type_vocab_size", get("type_vocab_size") > 0, "token-type embeddings are not implemented (expected 0)"),
+            ("embedding_size", hf.get("embedding_size", C) != C, f"only embeddings of hidden_size {C} are implemented"),
+            ("attention_head_size", hf.get("attention_head_size", C // H) != C // H, f"expected hidden_size / heads"),
+            ("pooler_hidden_size", hf.get("pooler_hidden_size", C) != C, f"expected hidden_size {C}"),
+            ("conv_kernel_size", get("conv_kernel_size") % 2 == 0 and get("conv_kernel_size") > 0,
+             "an even kernel is not implemented (transformers' own fails on it)")]:
+        if bad:
+            refuse(key, why)
+    for key in ("hidden_act", "pooler_hidden_act", "conv_act"):
+        if get(key) not in ACTS:
+            refuse(key, f"unsupported activation; supported: {', '.join(ACTS)}")
+    types = get("pos_att_type") or []
+    types = [t.strip().lower() for t in (types.split("|") if isinstance(types, str) else types)]
+    if set(types) - {"c2p", "p2c"}:
+        refuse("pos_att_type", "only c2p and p2c are implemented")
+    norm_rel = [t.strip() for t in (get("norm_rel_ebd") or "none").lower().split("|")]
+    if set(norm_rel) - {"none", "layer_norm"}:
+        refuse("norm_rel_ebd", "expected none or layer_norm")
+    max_rel = get("max_relative_positions")
+    cls_dropout = get("cls_dropout")
+    return EncoderConfig(
+        **{**common, "pad_token_id": get("pad_token_id")}, n_layer=get("num_hidden_layers"), n_head=H, n_embd=C,
+        n_inner=get("intermediate_size"), max_positions=get("max_position_embeddings"), norm_eps=get("layer_norm_eps"),
+        act=get("hidden_act"), pooler_act=get("pooler_hidden_act"), abs_positions=get("position_biased_input"),
+        c2p="c2p" in types, p2c="p2c" in types, relative=get("relative_attention"),
+        buckets=max(0, get("position_buckets")),
+        max_relative=max_rel if max_rel >= 1 else get("max_position_embeddings"),
+        share_att_key=get("share_att_key"), norm_rel="layer_norm" in norm_rel, conv_kernel=get("conv_kernel_size"),
+        conv_groups=get("conv_groups"), conv_act=get("conv_act"), dropout=get("hidden_dropout_prob"),
+        attn_dropout=get("attention_probs_dropout_prob"), pooler_dropout=get("pooler_dropout"),
+        cls_dropout=get("hidden_dropout_prob") if cls_dropout is None else cls_dropout)
+
+
 def _activation(name):
     if name not in ACTIVATIONS:
         raise ValueError(f"unsupported activation {name!r} in config.json; supported: {', '.join(ACTIVATIONS)}")
@@ -140,16 +199,39 @@ GPT2_NAMES = {
     "lm_head": "lm_head",
     "score": "score",
 }
+DEBERTA_NAMES = {  # DebertaV2ForSequenceClassification
+    "encoder.tok_emb": "deberta.embeddings.word_embeddings",
+    "encoder.pos_emb": "deberta.embeddings.position_embeddings",
+    "encoder.emb_norm": "deberta.embeddings.LayerNorm",
+    "encoder.blocks.{i}.attn.qkv": ("cat", "deberta.encoder.layer.{i}.attention.self.query_proj",
+                                    "deberta.encoder.layer.{i}.attention.self.key_proj",
+                                    "deberta.encoder.layer.{i}.attention.self.value_proj"),
+    "encoder.blocks.{i}.attn.pos_k": "deberta.encoder.layer.{i}.attention.self.pos_key_proj",
+    "encoder.blocks.{i}.attn.pos_q": "deberta.encoder.layer.{i}.attention.self.pos_query_proj",
+    "encoder.blocks.{i}.attn.o": "deberta.encoder.layer.{i}.attention.output.dense",
+    "encoder.blocks.{i}.attn_norm": "deberta.encoder.layer.{i}.attention.output.LayerNorm",
+    "encoder.blocks.{i}.mlp.up": "deberta.encoder.layer.{i}.intermediate.dense",
+    "encoder.blocks.{i}.mlp.down": "deberta.encoder.layer.{i}.output.dense",
+    "encoder.blocks.{i}.mlp_norm": "deberta.encoder.layer.{i}.output.LayerNorm",
+    "encoder.rel_emb": "deberta.encoder.rel_embeddings",
+    "encoder.rel_norm": "deberta.encoder.LayerNorm",
+    "encoder.conv": "deberta.encoder.conv.conv",
+    "encoder.conv_norm": "deberta.encoder.conv.LayerNorm",
+    "pooler": "pooler.dense",
+    "score": "classifier",
+}
 
-# Saved by some transformers versions, but not weights: GPT-2's causal-mask buffers, cached RoPE tables.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
+# Saved by some transformers versions, but not weights: GPT-2's causal-mask buffers, cached RoPE tables,
+# DeBERTa's position ids.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "embeddings.position_ids")
 
 
 def hf_names(model):
     """Each of our parameter names -> (its Hugging Face tensor names, how): how is None (copy), "T" or "cat",
     as in the tables above."""
     table = {}
-    for ours, theirs in (GPT2_NAMES if model.config.gpt2 else LLAMA_NAMES).items():
+    cfg = model.config
+    for ours, theirs in (DEBERTA_NAMES if cfg.encoder else GPT2_NAMES if cfg.gpt2 else LLAMA_NAMES).items():
         how, theirs = (None, [theirs]) if isinstance(theirs, str) else (theirs[0], theirs[1:])
         for i in range(model.config.n_layer) if "{i}" in ours else [None]:
             table[ours.format(i=i)] = ([t.format(i=i) for t in theirs], how)
@@ -177,10 +259,10 @@ def _read_json(path, what):
         raise ValueError(f"{what} {path} is not valid JSON: {e}") from None
 
 
-def _weight_files(path):
+def _weight_files(path, arch=None):
     """Hugging Face name -> the safetensors file holding it (one file, or shards listed by an index). Every
     file's header is read, so a missing, truncated or corrupt file, or an index naming a tensor its file does
-    not hold, is found here, before any tensor is loaded."""
+    not hold, is found here, before any tensor is loaded. arch: config.json's, for the conversion hint."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         weight_map = _read_json(index, "weight index").get("weight_map")
@@ -190,7 +272,12 @@ def _weight_files(path):
     elif os.path.exists(os.path.join(path, "model.safetensors")):
         files = {k: os.path.join(path, "model.safetensors") for k in _tensor_names(os.path.join(path, "model.safetensors"))}
     else:
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}")
+        pickled = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")
+                   if os.path.exists(os.path.join(path, f))]
+        hint = (f"; it has {pickled[0]}: convert it once with transformers, e.g. python -c \"import transformers as t; "
+                f"t.{arch}.from_pretrained('{path}').save_pretrained('{path}')\""
+                if pickled and arch and arch != "LlamaRewardModel" else "")  # UltraRM's class is not in transformers
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
     held = {f: _tensor_names(f) for f in set(files.values())}
     for k, f in files.items():
         if k not in held[f]:
@@ -212,11 +299,12 @@ def check_folder(path):
     """What loading a checkpoint folder needs, checked without loading a tensor: config.json (a supported
     model), every weight file's header, tokenizer.json. Returns its ModelConfig; errors name the file."""
     cfg = read_config(path)
-    _weight_files(path)
+    _weight_files(path, cfg.arch)
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        hint = ("; it has a sentencepiece tokenizer.model: make tokenizer.json once with transformers, e.g. python -c "
+        spm = [f for f in ("tokenizer.model", "spm.model") if os.path.exists(os.path.join(path, f))]  # spm: DeBERTa's
+        hint = (f"; it has a sentencepiece {spm[0]}: make tokenizer.json once with transformers, e.g. python -c "
                 f"\"from transformers import AutoTokenizer as T; T.from_pretrained('{path}').save_pretrained('{path}')\""
-                if os.path.exists(os.path.join(path, "tokenizer.model")) else "")
+                if spm else "")
         raise FileNotFoundError(f"no tokenizer.json in {path}{hint}")
     return cfg
 
@@ -241,13 +329,21 @@ def read_config(path):
         raise ValueError(f"config.json in {path} lacks the key {e.args[0]!r}") from None
 
 
+def is_encoder(path):
+    """Whether the folder holds an encoder (a DeBERTa); False for anything unreadable, which check_folder reports."""
+    try:
+        return read_config(path).encoder
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def load_model(path, device=None, dtype=None):
     """Load a Hugging Face checkpoint folder as a CausalLM or a RewardModel (eval mode)."""
     cfg = read_config(path)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(cfg.hf, device)
     with torch.device("meta"):  # no time spent on a random init that the checkpoint overwrites
-        model = (RewardModel if cfg.reward else CausalLM)(cfg)
+        model = (EncoderRewardModel if cfg.encoder else RewardModel if cfg.reward else CausalLM)(cfg)
     model = model.to_empty(device=device).to(dtype)
     if not cfg.reward:
         model.tie_weights()  # to_empty makes a fresh tensor per module, so tie again
@@ -257,7 +353,7 @@ def load_model(path, device=None, dtype=None):
 
 def load_weights(model, path):
     """Copy every weight from the checkpoint into model; any missing, unexpected or mis-shaped tensor is an error."""
-    files = _weight_files(path)
+    files = _weight_files(path, model.config.arch)
     names = hf_names(model)
     used, handles = set(), {}
 
@@ -282,6 +378,8 @@ def load_weights(model, path):
             param.copy_(torch.cat(ws))  # "cat": the parts stacked along the output dim
             used.update(theirs)
     skip = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    if model.config.encoder:  # absolute positions a DeBERTa does not use, which transformers ignores too
+        skip.add("deberta.embeddings.position_embeddings.weight")
     unexpected = [k for k in files if k not in used and k not in skip and not k.endswith(IGNORED_SUFFIXES)]
     if unexpected:
         raise ValueError(f"checkpoint {path} has tensors this {model.config.arch} does not use: {unexpected[:5]}")
@@ -290,7 +388,8 @@ def load_weights(model, path):
 # ---- Saving, in the same Hugging Face format -----------------------------------------------------
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
+                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
+                   "spm.model", "added_tokens.json")
 
 
 def hf_tensors(model):

@@ -190,6 +190,21 @@ def reward_ids(tokenizer, fmt, prompt, response, finished, eos_id):
     return row + [eos_id] if finished else row
 
 
+def pair_ids(tokenizer, prompt, response, max_len):
+    """An encoder reward model's row: its tokenizer's pair encoding of (prompt, response), which the
+    post-processor in tokenizer.json builds ([CLS] prompt [SEP] response [SEP] for DeBERTa-v3). No prompt
+    format and no stop token: the encoder was trained on the bare pair. Longer than max_len tokens, the
+    response (the part being judged) is kept whole and the prompt is cut from its left, so its end, next to
+    the response, stays; a response too long alone keeps its beginning, and no prompt token is left."""
+    prompt_enc = tokenizer.encode(prompt, add_special_tokens=False)
+    response_enc = tokenizer.encode(response, add_special_tokens=False)
+    room = max_len - tokenizer.post_processor.num_special_tokens_to_add(True)
+    if len(prompt_enc.ids) + len(response_enc.ids) > room:
+        response_enc.truncate(room)                                           # keeps the beginning
+        prompt_enc.truncate(room - len(response_enc.ids), direction="left")   # keeps the end
+    return tokenizer.post_process(prompt_enc, response_enc).ids
+
+
 # ---- Prompt files --------------------------------------------------------------------------------
 
 def read_prompts(path):
@@ -251,7 +266,9 @@ def check_lengths(policy, scorers, prompts, max_new_tokens):
         if n + max_new_tokens > policy.lm.config.max_positions:
             raise ValueError(f"prompt {i} ({p[:40]!r}...) has {n} tokens: with --max-new-tokens {max_new_tokens} it "
                              f"exceeds the policy's context of {policy.lm.config.max_positions}")
-        for s in scorers:
-            if not s.judge and len(encode_prompt(s.tok, s.fmt, p)) + max_new_tokens + 1 > s.m.config.max_positions:
+        for s in scorers:  # an encoder ("pair") is exempt: pair_ids cuts its prompt to fit
+            if s.judge or s.fmt == "pair":
+                continue
+            if len(encode_prompt(s.tok, s.fmt, p)) + max_new_tokens + 1 > s.m.config.max_positions:
                 raise ValueError(f"prompt {i} ({p[:40]!r}...) with --max-new-tokens {max_new_tokens} exceeds the "
                                  f"context of {s.m.config.source}")

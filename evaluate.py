@@ -33,13 +33,15 @@ JUDGE_TEMPLATE = ("Which response to the instruction is better?\n\nInstruction: 
 class Scorer:
     m: torch.nn.Module   # a model.RewardModel, or with judge=True a model.CausalLM
     tok: object          # its tokenizers.Tokenizer
-    fmt: str             # its prompt format (data.FORMATS)
-    eos: int             # the token a finished response ends with, for this model
+    fmt: str             # its prompt format (data.FORMATS), or "pair" for an encoder (data.pair_ids)
+    eos: int | None      # the token a finished response ends with, for this model (an encoder: None)
     pad: int
     judge: bool = False
     min_mass: float = 0.1  # a judge whose two labels get less probability than this gave an invalid answer
 
     def ids(self, prompt, response, finished):  # one row, formatted and tokenised for this model
+        if self.fmt == "pair":  # an encoder: the bare pair, whether or not the response finished
+            return data.pair_ids(self.tok, prompt, response, self.m.config.max_positions)
         return data.reward_ids(self.tok, self.fmt, prompt, response, finished, self.eos)
 
     def score(self, prompts, responses, finished):  # reward of each (prompt, response text, finished), (N,)
@@ -99,6 +101,14 @@ def load_scorer(path, fmt, device=None, judge=False, min_mass=0.1, reward_head=F
             raise ValueError(f"{path} is a causal LM, not a reward model (use --teacher-judge for an LLM judge)")
         m = add_reward_head(m)
     tok = data.load_tokenizer(path)
+    if m.config.encoder:  # it reads the pair encoding ("pair"): no prompt format, no stop token
+        post = tok.post_processor
+        if post is None or post.num_special_tokens_to_add(True) == 0:
+            raise ValueError(f"tokenizer.json in {path} has no post-processor that builds pairs; an encoder reward "
+                             f"model reads its tokenizer's pair encoding, e.g. [CLS] prompt [SEP] response [SEP]")
+        tok.no_truncation()  # data.pair_ids truncates, by its own rule; data.pad pads
+        tok.no_padding()
+        return Scorer(m, tok, "pair", None, data.pad_id(m.config), judge, min_mass)
     data.check_format(tok, fmt)
     return Scorer(m, tok, fmt, data.end_id(tok, fmt, m.config), data.pad_id(m.config), judge, min_mass)
 

@@ -51,6 +51,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     hf: dict = field(default_factory=dict, repr=False)  # the raw config.json, kept for saving
     source: str | None = None     # the folder it was loaded from (tokenizer files are copied from it)
+    encoder: bool = False         # False: a decoder here; True: encoder.EncoderConfig
 
 
 # ---- Building blocks -----------------------------------------------------------------------------
@@ -382,7 +383,8 @@ def add_reward_head(lm):
 
 # ---- LoRA: low-rank adapters on the attention and MLP projections (Hu et al. 2021) ---------------
 
-LORA_TARGETS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.up", "mlp.down")
+LORA_TARGETS = ("attn.qkv", "attn.o", "mlp.gate_up", "mlp.up", "mlp.down",
+                "attn.pos_q", "attn.pos_k", "pooler")  # the last three: encoder.py's
 
 
 def lora_layers(model):
@@ -404,7 +406,7 @@ def add_lora(model, rank, alpha=None):
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # as nn.Linear initialises its weight
         lin.lora_b = nn.ParameterList(torch.zeros(n, rank, **kw) for n in lin.parts)
         lin.lora_scale = alpha / rank
-    if isinstance(model, RewardModel):
+    if model.config.reward:
         model.score.requires_grad_(True)
     return model
 

@@ -30,7 +30,7 @@ import data
 import evaluate
 import report
 import train_loop
-from checkpoint import check_folder, load_model, read_config, save_model
+from checkpoint import check_folder, is_encoder, load_model, read_config, save_model
 from data import Pair, Sample
 from evaluate import load_scorer
 from model import CausalLM
@@ -85,6 +85,11 @@ def check(args):
         if getattr(args, name) not in (None, *data.FORMATS):
             fail(f"unknown prompt format {getattr(args, name)!r} for --{name.replace('_', '-')}; "
                  f"known: {', '.join(data.FORMATS)}")
+    if args.student and is_encoder(args.student):  # it reads the bare (prompt, response) pair: data.pair_ids
+        if args.student_format:
+            fail(f"--student-format: the student {args.student} is an encoder reward model, which reads its "
+                 f"tokenizer's pair encoding of (prompt, response), not a prompt format; leave the option out")
+        args.student_format = "pair"
     args.student_format = args.student_format or args.prompt_format
     args.teacher_format = args.teacher_format or args.prompt_format
 

@@ -109,7 +109,7 @@ def shard(model):
     1/W of every weight, of its gradient and of its AdamW state; a forward gathers a block's weights just
     before it runs, and training equals one process's, as DDP's does."""
     from torch.distributed.fsdp import fully_shard
-    for block in model.decoder.blocks:
+    for block in (model.encoder if model.config.encoder else model.decoder).blocks:  # an encoder's (encoder.py) too
         fully_shard(block)
     return fully_shard(model)
 
