@@ -26,6 +26,10 @@ sets OMP_WAIT_POLICY=PASSIVE (unless the environment sets it), which makes them 
 how the threads wait, not what is computed). The header names the CPU, torch, its BLAS and the commit, and
 prints the load average so a noisy run can be recognised.
 
+The encoder section (`--only encoder`) scores 16 pairs of 256 tokens with a random DeBERTa of deberta-v3-base's
+shape (12 layers, C 768, 12 heads, V 128100, 256 position buckets, shared keys, c2p and p2c): encoder.py
+against transformers' DebertaV2ForSequenceClassification.
+
 Not a test (pytest collects only test_*.py); the targets at the end are the performance issue's.
 """
 import argparse
@@ -49,10 +53,11 @@ from checkpoint import load_model  # noqa: E402
 from generate import generate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("greedy", "sample", "positions", "train", "round")
+SECTIONS = ("greedy", "sample", "positions", "train", "round", "encoder")
 NEW = 64          # new tokens per sequence in the greedy and sampling sections
 NEAR_TIE = 1e-4   # a top-two logit gap below this may legitimately pick either token
-TARGETS = {"greedy b=1": 1.3, "greedy b=16": 1.3, "ts-align sample": 3.0, "dpo step": 1.15, "round": 2.0}
+TARGETS = {"greedy b=1": 1.3, "greedy b=16": 1.3, "ts-align sample": 3.0, "dpo step": 1.15, "round": 2.0,
+           "encoder": 1.0}
 
 # SmolLM2-135M's config.json, with random weights.
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -397,6 +402,35 @@ def bench_round(lm, hf, args, gen, results):
     hf_generate(hf, prompts[:1], 2, do_sample=True, top_k=0, top_p=0.95, num_return_sequences=2)
     t_o, t_t = alternate(args.repeats, ours, theirs)
     results["round"] = report("round", t_o, t_t, (P * K * Tr, "sampled tok/s"))
+
+
+# deberta-v3-base's config.json (the shape of OpenAssistant's reward-model-deberta-v3-base), with random weights.
+DEBERTA_V3_BASE = dict(vocab_size=128100, hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                       intermediate_size=3072, max_position_embeddings=512, relative_attention=True,
+                       position_buckets=256, max_relative_positions=-1, share_att_key=True, pos_att_type="p2c|c2p",
+                       position_biased_input=False, type_vocab_size=0, norm_rel_ebd="layer_norm", layer_norm_eps=1e-7,
+                       hidden_act="gelu", pad_token_id=0, num_labels=1)
+
+
+def bench_encoder(lm, hf, args, gen, results):
+    B, T = 16, 256
+    print(f"\nencoder reward model (deberta-v3-base's shape, random weights): rewards of {B} pairs of {T} tokens, "
+          f"float32, no grad; transformers' DebertaV2ForSequenceClassification against encoder.py")
+    import transformers as tf
+    transformers_logging_off(tf)
+    with tempfile.TemporaryDirectory() as tmp, torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed + 3)
+        folder = os.path.join(tmp, "deberta-v3-base-random")
+        tf.DebertaV2ForSequenceClassification(tf.DebertaV2Config(**DEBERTA_V3_BASE)).float().save_pretrained(folder)
+        ours, theirs = load_pair(folder, reward=True)
+    ids = torch.randint(1, DEBERTA_V3_BASE["vocab_size"], (B, T), generator=gen)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        diff = (ours(ids, mask) - theirs(input_ids=ids, attention_mask=mask).logits[:, 0]).abs().max().item()
+        print(f"  max |reward difference| {diff:.2e}")
+        t_o, t_t = alternate(args.repeats, lambda: ours(ids, mask),
+                             lambda: theirs(input_ids=ids, attention_mask=mask).logits)
+    results["encoder"] = report(f"score b={B} T={T}", t_o, t_t, (B * T, "tok/s"))
 
 
 def machine():
