@@ -31,7 +31,7 @@ JUDGE_TEMPLATE = ("Which response to the instruction is better?\n\nInstruction: 
 
 @dataclass
 class Scorer:
-    m: torch.nn.Module   # a model.RewardModel, or with judge=True a model.CausalLM
+    m: torch.nn.Module   # a model.RewardModel or encoder.EncoderRewardModel, or with judge=True a model.CausalLM
     tok: object          # its tokenizers.Tokenizer
     fmt: str             # its prompt format (data.FORMATS), or "pair" for an encoder (data.pair_ids)
     eos: int | None      # the token a finished response ends with, for this model (an encoder: None)

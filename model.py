@@ -51,7 +51,7 @@ class ModelConfig:
     pad_token_id: int | None = None
     hf: dict = field(default_factory=dict, repr=False)  # the raw config.json, kept for saving
     source: str | None = None     # the folder it was loaded from (tokenizer files are copied from it)
-    encoder: bool = False         # False: a decoder here; True: encoder.EncoderConfig
+    encoder: bool = False         # always False here; encoder.EncoderConfig's is True (how shared code tells them apart)
 
 
 # ---- Building blocks -----------------------------------------------------------------------------
