@@ -65,7 +65,10 @@ def family_config(family, reward=False, **overrides):
         kw = dict(_COMMON, head_dim=24)  # 4 heads x 24 = 96 != hidden 64
         cls = tf.Qwen3Config
     elif family == "mistral":
-        kw = dict(_COMMON, num_key_value_heads=1, head_dim=16)
+        # rope_theta 1e6, as Mistral-7B-v0.2 has, not MistralConfig's default 10000: a loader that missed the
+        # checkpoint's own value would go unseen otherwise.
+        kw = dict(_COMMON, num_key_value_heads=1, head_dim=16,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
         cls = tf.MistralConfig
     else:
         raise ValueError(f"unknown family {family!r}")
