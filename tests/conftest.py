@@ -65,7 +65,10 @@ def family_config(family, reward=False, **overrides):
         kw = dict(_COMMON, head_dim=24)  # 4 heads x 24 = 96 != hidden 64
         cls = tf.Qwen3Config
     elif family == "mistral":
-        kw = dict(_COMMON, num_key_value_heads=1, head_dim=16)
+        # rope_theta 1e6, as Mistral-7B-v0.2 has, not MistralConfig's default 10000: a loader that missed the
+        # checkpoint's own value would go unseen otherwise.
+        kw = dict(_COMMON, num_key_value_heads=1, head_dim=16,
+                  rope_parameters={"rope_type": "default", "rope_theta": 1000000.0})
         cls = tf.MistralConfig
     else:
         raise ValueError(f"unknown family {family!r}")
@@ -185,3 +188,34 @@ def argv(w, out, *extra):
 def metrics(out):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def pairs_of(out, r):
+    """Round r's mined pairs, as pairs.jsonl holds them (dicts)."""
+    with open(os.path.join(out, f"round_{r}", "pairs.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---- Independent judges of a run's output: each model loaded on its own, outside the round's code ----
+
+def rescore(scorer_dir, pairs, fmt="chatml"):
+    """(chosen scores, rejected scores), (P,) each, of pairs.jsonl records by the reward model in scorer_dir,
+    loaded on its own (not the run's copy), each response scored alone."""
+    import evaluate
+
+    s = evaluate.load_scorer(scorer_dir, fmt, "cpu")
+    one = lambda p, side: s.score([p["prompt"]], [p[side]], [p.get(f"{side}_finished", True)])[0].item()  # noqa: E731
+    return (torch.tensor([one(p, "chosen") for p in pairs]), torch.tensor([one(p, "rejected") for p in pairs]))
+
+
+def greedy_answers(policy_dir, prompts, max_new_tokens, fmt="chatml"):
+    """(text, finished) of the greedy answer to each prompt by the policy checkpoint in policy_dir, loaded on
+    its own."""
+    import data
+    from checkpoint import load_model
+    from generate import generate
+
+    lm, tok = load_model(policy_dir, "cpu"), data.load_tokenizer(policy_dir)
+    stops = list(lm.config.stop_token_ids) + [data.end_id(tok, fmt, lm.config)]
+    out = generate(lm, [data.encode_prompt(tok, fmt, p) for p in prompts], max_new_tokens, eos_token_id=stops)
+    return [data.response_text(tok, o, stops) for o in out]

@@ -70,7 +70,8 @@ def test_logit_parity(ckpts, family):
     assert ref.std() > 0.3  # logits are not all ~0 (a wrong model could not pass by being tiny)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+# A reward model has no output layer: tie_word_embeddings ties nothing in it, so llama_tied would repeat llama.
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "llama_tied"])
 def test_reward_parity(ckpts, family):
     d = ckpts(family, reward=True)
     hf, rm = hf_load(d, reward=True), C.load_model(d)

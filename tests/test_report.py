@@ -36,24 +36,96 @@ def two_rounds(world, tmp_path_factory):
     return out
 
 
+def expected(rows, key):
+    """The value a chart draws for key in each round, computed here from metrics.jsonl: teacher calls and
+    their bound (the teacher scoring all K) are cumulative, the warm-up's calls counted in both."""
+    if key in ("calls", "calls_bound"):
+        own = "teacher_calls" if key == "calls" else "teacher_calls_if_scoring_all"
+        each = [(m.get(own) or 0) + (m.get("teacher_calls_warmup") or 0) for m in rows]
+        return [sum(each[:i + 1]) for i in range(len(rows))]
+    if key.startswith("dropped:"):
+        return [(m.get("pairs_dropped") or {}).get(key.split(":")[1]) for m in rows]
+    return [m.get(key) for m in rows]
+
+
 def test_the_values_drawn_are_the_runs_own(two_rounds):
     page = (two_rounds / "report.html").read_text()
-    rows = report.rows_of(metrics(two_rounds))
+    rows = metrics(two_rounds)
     charts = dict(zip([title for title, _ in report.CHARTS], svgs(page)))
     assert len(charts) == len(report.CHARTS)
     checked = 0
     for title, specs in report.CHARTS:
         values = drawn(charts[title])
         for label, key, _ in specs:
-            for m in rows:
-                want = report.number(m.get(key))
+            for m, want in zip(rows, expected(rows, key)):
                 assert values.get((label, m["round"])) == want, (title, label, m["round"])
                 checked += want is not None
     assert checked > 20  # the charts are not empty: win rates, agreement, calls, lengths, pairs for each round
     # This run has no oracle (the teacher judges): no oracle-accuracy points at all.
     assert drawn(charts["Oracle accuracy"]) == {}
-    assert drawn(charts["Teacher calls, cumulative"])[("teacher calls", 2)] == sum(
-        m.get("teacher_calls", 0) + m.get("teacher_calls_warmup", 0) for m in metrics(two_rounds))
+    calls = drawn(charts["Teacher calls, cumulative"])
+    assert calls[("scoring all K", 2)] > calls[("scoring all K", 1)] > calls[("scoring all K", 0)]
+    for svg in charts.values():
+        check_geometry(svg)
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def points(svg):
+    """Every point of a chart as drawn: (value, stderr or 0, cx, cy, its error bar's (y1, y2) or None)."""
+    bars = {}  # vertical lines (error bars), by their x and colour
+    for line in svg.iter(SVG + "line"):
+        if line.get("x1") == line.get("x2"):
+            ends = float(line.get("y1")), float(line.get("y2"))
+            bars.setdefault((line.get("x1"), line.get("stroke")), []).append(ends)
+    out = []
+    for c in svg.iter(SVG + "circle"):
+        value, err = re.fullmatch(r".*, round \d+: (\S+)(?: ± (\S+))?", c.find(SVG + "title").text).groups()
+        cy = float(c.get("cy"))
+        bar = min(bars.get((c.get("cx"), c.get("fill")), []), key=lambda b: abs((b[0] + b[1]) / 2 - cy), default=None)
+        out.append((float(value), float(err or 0), float(c.get("cx")), cy, bar))
+    return out
+
+
+def check_geometry(svg):
+    """Where the points are drawn: a larger value higher up (a smaller y), every point on the one linear scale
+    that the y axis's labels give, and each error bar one stderr above and below its point."""
+    pts = points(svg)
+    ticks = [(float(t.text[:-1]) * 1000 if t.text.endswith("k") else float(t.text), float(t.get("y")) - 4)
+             for t in svg.iter(SVG + "text") if t.get("text-anchor") == "end"]  # the y axis's labels
+    if not pts:
+        return
+    (v0, y0), (v1, y1) = ticks[0], ticks[-1]
+    scale = (y0 - y1) / (v1 - v0)  # pixels per unit, from the axis's own labels
+    assert scale > 0, f"the y axis is upside down: {ticks}"
+    span = max(v for v, _ in ticks) - min(v for v, _ in ticks)
+    for value, err, _, cy, bar in pts:
+        assert abs((v0 + (y0 - cy) / scale) - value) < 0.01 * span, (value, cy, ticks)  # on the axis's scale
+        if err:
+            assert bar is not None, f"no error bar at {value} ± {err}"
+            assert abs(abs(bar[1] - bar[0]) - 2 * err * scale) < 0.25, (value, err, bar, scale)
+            assert abs((bar[0] + bar[1]) / 2 - cy) < 0.15, (value, err, bar, cy)
+    for a in pts:
+        for b in pts:
+            if a[0] > b[0]:
+                assert a[3] < b[3], f"{a[0]} is drawn below {b[0]}"
+
+
+WIN_RATES = [(0.5, 0.0), (0.62, 0.05), (0.81, 0.04), (0.7, 0.1)]  # (value, stderr) by round
+
+
+def test_points_and_error_bars_are_drawn_where_their_values_say(tmp_path):
+    rows = [dict(BASE, round=r, win_rate_vs_base=v, win_rate_stderr_vs_base=e, pairs=10 * r)
+            for r, (v, e) in enumerate(WIN_RATES)]
+    page = open(report.write_run_report(write_run(str(tmp_path / "run"), rows))).read()
+    charts = dict(zip([title for title, _ in report.CHARTS], svgs(page)))
+    win = points(charts["Win rate vs base (greedy)"])
+    assert [(v, e) for v, e, *_ in win] == WIN_RATES
+    assert [cx for _, _, cx, _, _ in win] == sorted(cx for _, _, cx, _, _ in win)  # rounds left to right
+    assert sum(bar is not None for *_, bar in win) == 3  # a stderr of 0 has no bar
+    for svg in charts.values():
+        check_geometry(svg)
 
 
 def test_metrics_jsonl_is_standard_json(two_rounds):

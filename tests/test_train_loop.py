@@ -83,6 +83,35 @@ def test_ipo_starts_at_one_over_four_beta_squared():
     assert abs(m["dpo_first_loss"] - 1 / (4 * 0.5 ** 2)) < 1e-4
 
 
+@pytest.mark.parametrize("loss_type, average, sft_coef", [("sigmoid", False, 0.5), ("sigmoid", True, 0.0),
+                                                     ("sigmoid", True, 0.5), ("ipo", True, 0.0)])
+def test_dpo_options_give_the_losses_computed_by_hand(loss_type, average, sft_coef):
+    """--average-logprobs and --sft-coef: one step over all the pairs, its loss and metrics against the
+    same computed here from the model's own logits, one unpadded sequence at a time (naive_logprob)."""
+    lm, other, beta = tiny_lm(), tiny_lm(seed=1), 0.5
+    n = {side: torch.tensor([float(len(t[side])) for t in PAIRS]) for side in (1, 2)}  # tokens per response
+
+    def logps(m, side):  # summed (B,)
+        return torch.tensor([naive_logprob(m, t[0], t[side]) for t in PAIRS])
+
+    pi = {s: logps(lm, s) for s in (1, 2)}
+    ref = {s: logps(other, s) / (n[s] if average else 1) for s in (1, 2)}  # a reference unlike the policy
+    h = (pi[1] / (n[1] if average else 1) - ref[1]) - (pi[2] / (n[2] if average else 1) - ref[2])  # (B,)
+    dpo = (-torch.nn.functional.logsigmoid(beta * h) if loss_type == "sigmoid" else (h - 1 / (2 * beta)) ** 2).mean()
+    sft = -pi[1].sum() / n[1].sum()  # the chosen responses' mean NLL per token, summed or not
+    m = TL.train_dpo(lm, PAIRS, EOS, quiet(lr=1e-3, epochs=1, batch_size=len(PAIRS)), beta=beta, loss_type=loss_type,
+                     sft_coef=sft_coef, average=average, reference=(ref[1], ref[2]))
+    assert abs(m["dpo_first_loss"] - dpo.item()) < 1e-5 and abs(m["dpo_loss"] - dpo.item()) < 1e-5
+    assert abs(m["reward_margin"] - beta * h.mean().item()) < 1e-5
+    assert abs(m["loss"] - (dpo + sft_coef * sft).item()) < 1e-5
+    if sft_coef:
+        assert abs(m["sft_loss"] - sft.item()) < 1e-5
+    # With its own reference (the policy as it is), that reference is computed the same way: step 0's check holds.
+    m = TL.train_dpo(tiny_lm(), PAIRS, EOS, quiet(lr=1e-3, epochs=1, batch_size=2), beta=beta, loss_type=loss_type,
+                     sft_coef=sft_coef, average=average)
+    assert abs(m["first_margin"]) < 1e-6
+
+
 def test_a_wrong_reference_is_caught_at_the_first_step(monkeypatch):
     lm = tiny_lm()
     other = tiny_lm(seed=1)

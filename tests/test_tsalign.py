@@ -10,15 +10,43 @@ import time
 import pytest
 import torch
 
+import data
+import evaluate
 import run
 import tsalign
 from checkpoint import load_model, save_model
-from conftest import argv, metrics
-from data import Pair
+from conftest import argv, greedy_answers, hf_load, metrics, pairs_of, rescore
+from data import Pair, Sample
 from model import add_reward_head
 
 def without_seconds(rows):
     return [{k: v for k, v in m.items() if k != "seconds"} for m in rows]
+
+
+def rejudge(teacher_dir, prompts, ours, base):
+    """Outcomes (1 win, 0.5 tie, 0 loss) of (text, finished) answers against the base's, by the teacher loaded
+    on its own: the same answer is a tie, otherwise the higher reward wins."""
+    s = evaluate.load_scorer(teacher_dir, "chatml", "cpu")
+    score = lambda p, a: s.score([p], [a[0]], [a[1]])[0].item()  # noqa: E731
+    out = []
+    for p, a, b in zip(prompts, ours, base):
+        d = 0.0 if a == b else score(p, a) - score(p, b)
+        out.append(1.0 if d > 0 else 0.0 if d < 0 else 0.5)
+    return out
+
+
+def check_decided(scorer_dir, ps, who):
+    """Every pair's chosen response is the one the reward model in scorer_dir, loaded on its own, prefers,
+    by the margin stored."""
+    c, rej = rescore(scorer_dir, ps)
+    wrong = (c <= rej).nonzero().flatten().tolist()
+    assert not wrong, f"{who} prefers the rejected response of pairs {wrong}"
+    assert torch.allclose(c - rej, torch.tensor([p["margin"] for p in ps]), atol=1e-5), (c - rej, ps)
+
+
+def reached_teacher(m):
+    """The prompts of a round whose two responses the teacher saw: those kept, and those it dropped."""
+    return m["pairs"] + m["pairs_dropped"]["low_margin"] + m["pairs_dropped"]["invalid_judge"]
 
 
 def test_two_rounds_end_to_end(world, tmp_path):
@@ -28,21 +56,42 @@ def test_two_rounds_end_to_end(world, tmp_path):
     assert [m["round"] for m in rows] == [0, 1, 2]
     assert rows[0]["win_rate_vs_base"] == 0.5  # the base policy against itself: all ties
     assert rows[0]["teacher_calls_warmup"] >= 2
+    _, held = data.split_prompts(data.read_prompts(world["prompts"]), 6, 0)  # the run's held-out prompts (seed 0)
+    base = [(g["text"], g["finished"]) for g in run.read_json(str(out / "round_0" / "base_eval.json"))["greedy"]]
+    overturned = decided = 0
     for m in rows[1:]:
+        r, ps = m["round"], pairs_of(out, m["round"])
         assert m["prompts"] == 12
         assert m["pairs"] + sum(m["pairs_dropped"].values()) == 12  # every prompt accounted for
-        # ts-align: the teacher sees exactly two responses per prompt that reached it
-        assert m["teacher_calls"] <= 2 * 12 < m["teacher_calls_if_scoring_all"]
+        assert m["pairs"] == len(ps) > 0, "no pairs mined: the test world is too weak to test anything"
+        # The teacher's verdict: re-scored by the teacher loaded on its own, every pair's chosen response
+        # is the one it prefers, by the margin stored.
+        check_decided(world["teacher"], ps, f"round {r}: the teacher")
+        # It overturned the student that ranked the samples (the newest saved before the round) where that
+        # student prefers the rejected one; and it saw two responses of each prompt that reached it.
+        sc, srej = rescore(str(out / f"round_{r - 1}" / "student"), ps)
+        assert round(m["teacher_overturn_rate"] * m["pairs"]) == (sc < srej).sum().item()
+        overturned += (sc < srej).sum().item()
+        assert m["teacher_calls"] == 2 * reached_teacher(m)
+        assert m["teacher_calls"] < m["teacher_calls_if_scoring_all"] == 12 * 4
+        # The win rate: the round's greedy answers (regenerated from its saved policy) against the base's,
+        # re-judged by the teacher outside the Evaluator.
         assert m["win_rate_judge"] == "teacher"
-        assert 0 <= m["win_rate_vs_base"] <= 1
-    assert any(m["pairs"] > 0 for m in rows[1:]), "no pairs mined: the test world is too weak to test anything"
-    r = next(m for m in rows[1:] if m["pairs"] > 0)
+        ours = greedy_answers(str(out / f"round_{r}" / "policy"), held, 16)
+        examples = run.read_json(str(out / f"round_{r}" / "examples.json"))
+        assert [t for t, _ in ours[:5]] == [e["response"] for e in examples]
+        want = rejudge(world["teacher"], held, ours, base)
+        got = (m["wins_vs_base"], m["ties_vs_base"], m["losses_vs_base"])
+        assert got == (want.count(1.0), want.count(0.5), want.count(0.0)), want
+        assert abs(m["win_rate_vs_base"] - sum(want) / len(want)) < 1e-9
+        decided += want.count(1.0) + want.count(0.0)
+    assert overturned > 0, "the teacher overturned no pair: its verdict is not tested"
+    assert decided > 0, "every held-out answer tied with the base's: the win rate is not tested"
+    r = rows[1]
     assert abs(r["dpo_first_loss"] - 0.6931) < 1e-3  # the policy equals its reference at the first step
-    pairs = [json.loads(line) for line in open(out / f"round_{r['round']}" / "pairs.jsonl")]
-    for p in pairs:
+    for p in pairs_of(out, 1):
         assert p["chosen"] != p["rejected"]
         assert p["chosen_finished"] and p["rejected_finished"]
-        assert p["margin"] > 0
     # The saved policy loads in transformers and agrees with ours.
     import transformers
     ours = load_model(str(out / "round_2" / "policy"), device="cpu")
@@ -106,12 +155,24 @@ def test_existing_run_is_never_overwritten(world, tmp_path, capsys):
     assert open(out / "metrics.jsonl").read() == before
 
 
+def response_logprob(hf, prompt_ids, response_ids, average):
+    """log p(response | prompt) under a transformers causal LM, from its full logits over the one sequence."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt_ids + response_ids])).logits[0, len(prompt_ids) - 1:-1]  # (R, V)
+    lp = logits.log_softmax(-1).gather(1, torch.tensor(response_ids)[:, None]).sum().item()
+    return lp / len(response_ids) if average else lp
+
+
+SFT_TWO_ROUNDS = ["--rounds", "2", "--batch-size", "12", "--epochs", "4", "--lora-rank", "2",
+                  "--student-lora-rank", "2", "--reference", "sft", "--loss-type", "ipo", "--average-logprobs"]
+
+
 @pytest.mark.parametrize("extra", [
     ["--selection", "teacher-all"],
     ["--selection", "student-only"],
     ["--teacher-judge", "--judge-min-mass", "0"],
     ["--teacher-judge", "--judge-min-mass", "0", "--selection", "teacher-all"],
-    ["--lora-rank", "2", "--student-lora-rank", "2", "--reference", "sft", "--loss-type", "ipo"],
+    SFT_TWO_ROUNDS,
     ["--judge", "JUDGE", "--judge-min-mass", "0"],
 ])
 def test_one_round_variants(world, tmp_path, extra):
@@ -131,15 +192,47 @@ def test_one_round_variants(world, tmp_path, extra):
         assert n_teacher > 0
         assert m["teacher_calls_if_scoring_all"] == 12 * (K * (K - 1) if "--teacher-judge" in extra else K)
     else:
-        assert 0 < n_teacher <= 2 * 12  # two per prompt that reached the teacher, either way
+        assert n_teacher == 2 * reached_teacher(m)
     assert m["pairs"] > 0, "no pairs mined: nothing below is tested"
     assert abs(m["dpo_first_loss"] - (0.6931 if "ipo" not in extra else 1 / (4 * 0.1 ** 2))) < 1e-2
+    # Whoever decided the pairs (a reward-model teacher, or the student alone: the one saved after its warm-up),
+    # loaded on its own, prefers every chosen response by the margin stored.
+    ps = pairs_of(out, 1)
+    if "--teacher-judge" in extra:
+        if "teacher-all" not in extra:  # the judge asked in both orders (a tournament's margin is not one comparison)
+            judge = evaluate.load_scorer(world["judge"], "chatml", "cpu", judge=True, min_mass=0)
+            got = judge.margins([p["prompt"] for p in ps],
+                                [Sample(None, p["chosen"], p["chosen_finished"]) for p in ps],
+                                [Sample(None, p["rejected"], p["rejected_finished"]) for p in ps])
+            assert (got > 0).all() and torch.allclose(got, torch.tensor([p["margin"] for p in ps]), atol=1e-5)
+    else:
+        if "student-only" in extra:
+            check_decided(str(out / "round_0" / "student"), ps, "the student")
+        else:
+            check_decided(world["teacher"], ps, "the teacher")
     # The policy learned, and what it learned was saved: with LoRA (base weights frozen) this holds only
     # if the adapters were merged into the weights before saving.
     saved = load_model(str(out / "round_1" / "policy"), device="cpu").state_dict()
     start = load_model(world["policy"], device="cpu").state_dict()
     assert saved.keys() == start.keys()
     assert max((saved[k] - start[k]).abs().max() for k in saved) > 1e-4
+    if "--reference" not in extra:
+        return
+    # --reference sft: round 2's first DPO step (one batch holds all its pairs) compares the round-start
+    # policy (round 1's) with the original one, not with itself, in IPO's loss on per-token mean
+    # log-probs: computed here with transformers from the two saved checkpoints.
+    sft, start = hf_load(world["policy"]), hf_load(str(out / "round_1" / "policy"))
+    tok = data.load_tokenizer(world["policy"])
+    h = []
+    for p in pairs_of(out, 2):
+        prompt = data.encode_prompt(tok, "chatml", p["prompt"])
+        lp = {(name, side): response_logprob(lm, prompt, p[f"{side}_ids"], average=True)
+              for name, lm in (("pi", start), ("ref", sft)) for side in ("chosen", "rejected")}
+        h.append((lp["pi", "chosen"] - lp["ref", "chosen"]) - (lp["pi", "rejected"] - lp["ref", "rejected"]))
+    want = sum((x - 1 / (2 * 0.1)) ** 2 for x in h) / len(h)
+    got = metrics(out)[2]["dpo_first_loss"]
+    assert len(h) <= 12 and abs(got - want) < 1e-4, (got, want)
+    assert abs(want - 1 / (4 * 0.1 ** 2)) > 1e-2  # far from the value a reference equal to the policy gives
 
 
 FIXTURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "run-5540fa7")
