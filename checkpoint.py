@@ -332,7 +332,18 @@ def save_model(model, path, max_shard_size=5 * 10**9):
     """Write config.json, the weights and the source checkpoint's tokenizer files into path, as transformers
     does: one model.safetensors, or past max_shard_size bytes shards model-0000i-of-0000n.safetensors and
     model.safetensors.index.json. Streamed: one shard (and one tensor) at a time in memory. Under torchrun
-    with a sharded model every process calls this (to gather); rank 0 writes."""
+    with a sharded model every process calls this (to gather); rank 0 writes. An OSError in rank 0's writes
+    (a full disk) is raised after rank 0 has still joined every gather, so no process is left waiting."""
+    tensors = hf_tensors(model)
+    try:
+        _save_model(model, path, max_shard_size, tensors)
+    except OSError:
+        for _ in tensors:  # the gathers the other processes are still in
+            pass
+        raise
+
+
+def _save_model(model, path, max_shard_size, tensors):
     cfg = model.config
     main = not dist.is_initialized() or dist.get_rank() == 0
     if not main and not any(hasattr(p, "full_tensor") for p in model.parameters()):
@@ -352,7 +363,7 @@ def save_model(model, path, max_shard_size=5 * 10**9):
             if name == "model.safetensors.index.json" or name.startswith("model") and name.endswith(".safetensors"):
                 os.remove(os.path.join(path, name))
     shard, done, total = {}, 0, 0
-    for name, t in hf_tensors(model):
+    for name, t in tensors:
         shard[name] = t
         total += t.numel() * t.element_size()
         if name == plan[done][-1]:  # a shard is complete
