@@ -283,14 +283,15 @@ def why(e):  # an OSError in a few words, with the file it was about
     return f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e.strerror or e)
 
 
-def saved(out):
-    """Which rounds are saved in out, and how much space the last one took."""
+def saved(out, size=True):
+    """Which rounds are saved in out, and (size) how much space the last one took."""
     done = finished_rounds(out)
     if not done:
-        return f"no round is saved in {out} yet"
-    last = os.path.join(out, f"round_{max(done)}")
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(last) for f in files)
-    return f"rounds 0-{max(done)} are saved in {out} (round {max(done)} took {size / 1e6:.1f} MB)"
+        return f"no round is finished yet in {out}"
+    last, folder = max(done), os.path.join(out, f"round_{max(done)}")
+    took = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files) if size else 0
+    return (f"{f'rounds 0-{last} are' if last else 'round 0 is'} saved in {out}"
+            + (f" (round {last} took {took / 1e6:.1f} MB)" if size else ""))
 
 
 def resume_command(out):
@@ -458,9 +459,7 @@ def stopped(out, status):
         if out and os.path.exists(os.path.join(out, "config.json")):
             for tmp in glob.glob(os.path.join(out, ".round_*.tmp")):  # a round cut short by a second Ctrl-C
                 shutil.rmtree(tmp, ignore_errors=True)
-            done = finished_rounds(out)
-            saved = f"rounds 0-{max(done)} are saved" if done else "no round is finished yet"
-            print(f"\ntsalign: stopped by {how}; {saved} in {out}; continue with: {resume_command(out)}",
+            print(f"\ntsalign: stopped by {how}; {saved(out, size=False)}; continue with: {resume_command(out)}",
                   file=sys.stderr)
         else:
             print(f"\ntsalign: stopped by {how} before the run started; nothing is saved", file=sys.stderr)
