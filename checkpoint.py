@@ -8,11 +8,12 @@ mis-shaped. Saving walks the same table backwards, so a saved folder loads in tr
 """
 import json
 import os
+import re
 import shutil
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model import CausalLM, ModelConfig, RewardModel, lora_delta
@@ -343,6 +344,18 @@ def save_model(model, path, max_shard_size=5 * 10**9):
         raise
 
 
+def write_weights(tensors, file):
+    """safetensors' save_file, a failed write raised as the OSError it is, naming the file (safetensors says
+    only "SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)")."""
+    try:
+        save_file(tensors, file, metadata={"format": "pt"})
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), file) from None
+
+
 def _save_model(model, path, max_shard_size, tensors):
     cfg = model.config
     main = not dist.is_initialized() or dist.get_rank() == 0
@@ -368,7 +381,7 @@ def _save_model(model, path, max_shard_size, tensors):
         total += t.numel() * t.element_size()
         if name == plan[done][-1]:  # a shard is complete
             if main:
-                save_file(shard, os.path.join(path, files[done]), metadata={"format": "pt"})
+                write_weights(shard, os.path.join(path, files[done]))
             shard, done = {}, done + 1
     if main and len(plan) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {t: files[i] for i, names in enumerate(plan) for t in names}}

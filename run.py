@@ -3,7 +3,7 @@ Everything around the rounds: the options checked, the three models and the prom
 folder, written so that an interrupted run loses at most the round in progress and `--resume` continues it.
 
     runs/<date>-<time>/          (--out)
-      .lock                      held by the running run (flock), with its process id and host
+      .lock                      held by the run while it runs (runlock.py), naming its process id and host
       config.json                the resolved options (a resumed run must not change them)
       metrics.jsonl              one JSON object per finished round, rebuilt after each one
       round_0/                   base_eval.json: the base policy's held-out answers, the agreement pairs
@@ -300,15 +300,14 @@ def resume_command(out):
 
 def write_config(args):
     """config.json (rank 0); on --resume metrics.jsonl and report.html are rebuilt too. SaveFailed on a failure."""
-    message = None
+    message, path = None, os.path.join(args.out, "config.json")
     if train_loop.is_main():
         try:
-            write_json(os.path.join(args.out, "config.json"),
-                       {k: v for k, v in vars(args).items() if k not in ("report", "output")})
+            write_json(path, {k: v for k, v in vars(args).items() if k not in ("report", "output")})
         except OSError as e:
             with suppress(OSError):
-                os.remove(os.path.join(args.out, "config.json.tmp"))
-            message = f"{args.out} could not be written ({why(e)}); free space, then run the same command again"
+                os.remove(path + ".tmp")
+            message = f"{path} could not be written ({e.strerror or e}); free space, then run the same command again"
         if message is None and finished_rounds(args.out):  # --resume: as they were after the last round
             message = rebuild_summaries(args.out)
     agree(message)

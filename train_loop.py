@@ -7,8 +7,8 @@ One plain training loop, and the three ways TS-Align uses it.
   train_sft     a causal LM imitates responses (how the default world builds its base policy)
 
 The loop (`train`) is AdamW, linear warm-up then a cosine or constant learning rate, gradient clipping and
-accumulation, a tqdm bar, and a guard that refuses a non-finite update; each trainer returns the mean of
-its metrics over the final epoch. Under torchrun it is data-parallel, and W processes take the very steps
+accumulation, a tqdm bar, a guard that refuses a non-finite update, and a safe point per micro-batch where a
+Ctrl-C stops the run; each trainer returns the mean of its metrics over the final epoch. Under torchrun it is data-parallel, and W processes take the very steps
 that one would. Everything here works on token ids (data.py makes them).
 Shapes: B batch, T time, C model dim, V vocab, N response positions in a batch.
 """

@@ -4,6 +4,7 @@ import datetime
 import errno
 import glob
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -13,6 +14,7 @@ import traceback
 
 import pytest
 import torch
+from safetensors import SafetensorError
 
 import checkpoint
 import report
@@ -43,6 +45,9 @@ def last_line(text):
 
 def enospc(path):
     return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+
+FULL = "Error while serializing: I/O error: No space left on device (os error 28)"  # safetensors' words, on a tmpfs
 
 
 # ---- 1. One run per folder -----------------------------------------------------------------------
@@ -126,14 +131,14 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_completes_it(world, tm
     assert [m["round"] for m in metrics(out)] == [0, 1]
     capsys.readouterr()
 
-    # Round 2's policy weights meet a full disk, part of the file written.
+    # Round 2's policy weights meet a full disk, part of the file written (safetensors' own error, as on a tmpfs).
     real_save = checkpoint.save_file
 
     def save_on_a_full_disk(tensors, filename, **kw):
         if f".round_2.tmp{os.sep}policy" in filename:
             with open(filename, "wb") as f:
                 f.write(b"\0" * 1000)
-            raise enospc(filename)
+            raise SafetensorError(FULL)
         return real_save(tensors, filename, **kw)
     monkeypatch.setattr(checkpoint, "save_file", save_on_a_full_disk)
     rounds_before, rows_before = {k: v for k, v in tree(out).items() if k.startswith("round_")}, metrics(out)
@@ -151,6 +156,45 @@ def test_a_full_disk_stops_the_run_in_one_line_and_resume_completes_it(world, tm
     monkeypatch.undo()  # space is freed
     tsalign.main(["--resume", "--out", str(out), "--rounds", "2"])
     assert [m["round"] for m in metrics(out)] == [0, 1, 2]
+
+
+def test_a_full_disk_before_the_first_round_says_so_and_the_same_command_runs_again(world, tmp_path, capsys,
+                                                                                  monkeypatch):
+    out = tmp_path / "run"
+    real_write_json = run.write_json
+
+    def full_disk(path, obj, lines=False):
+        if path.endswith("config.json"):
+            with open(path + ".tmp", "w") as f:
+                f.write("{")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # a failed write() names no file
+        return real_write_json(path, obj, lines)
+    monkeypatch.setattr(run, "write_json", full_disk)
+    with pytest.raises(SystemExit) as e:
+        tsalign.main(argv(world, out, "--rounds", "1"))
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and err.strip() == (f"tsalign: error: {out}/config.json could not be written (No space "
+                                                 f"left on device); free space, then run the same command again")
+    assert sorted(os.listdir(out)) == [".lock"]
+    monkeypatch.undo()
+    tsalign.main(argv(world, out, "--rounds", "1"))
+    assert [m["round"] for m in metrics(out)] == [0, 1]
+
+
+@linux
+def test_a_weight_file_that_cannot_be_written_is_an_oserror_naming_it(tmp_path):
+    """safetensors says only SafetensorError("... I/O error: ... (os error N)"); write_weights raises the OSError,
+    naming the file. A file size limit (RLIMIT_FSIZE) makes the real write fail, as a full disk does."""
+    import resource
+    file = str(tmp_path / "model.safetensors")
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1000, hard))  # Python ignores SIGXFSZ: the write gets EFBIG
+    try:
+        with pytest.raises(OSError) as e:
+            checkpoint.write_weights({"w": torch.zeros(10000)}, file)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    assert e.value.errno == errno.EFBIG and e.value.filename == file
 
 
 # ---- 3. --resume checks the folder before it loads anything -------------------------------------
@@ -267,8 +311,8 @@ def fork_main(args, log, pause=None):
     """Run tsalign.main(args) in a child of this process as `python tsalign.py ARGS` runs (stdout and stderr into
     the file log; an uncaught exception prints its traceback and exits 1) and return its pid. A fork, not a new
     python: this process has imported torch already, which takes a new one seconds. The child writes the time
-    it passed the run's last safe point into log.end. pause: (owner, name, marker): the first call of
-    owner.name creates the file marker, then waits half a second, in the child."""
+    it passed the run's last safe point into log.end. pause: (owner, name, marker, when): the first call of
+    owner.name for which when(*args) holds creates the file marker, then waits half a second, in the child."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -288,11 +332,11 @@ def fork_main(args, log, pause=None):
             finish()
         train_loop.finish = end
         if pause:
-            owner, name, marker = pause
+            owner, name, marker, when = pause
             real = getattr(owner, name)
 
             def paused(*a, **kw):
-                if not os.path.exists(marker):
+                if not os.path.exists(marker) and when(*a):
                     open(marker, "w").close()
                     time.sleep(0.5)
                 return real(*a, **kw)
@@ -319,9 +363,10 @@ def wait_for(pid, ready):
 @linux
 def test_a_ctrl_c_at_any_moment_stops_the_run_in_one_line_and_resume_completes_it(world, tmp_path):
     """SIGINT at 20 moments spread over a two-round run (from its "run folder:" line to its last safe point),
-    and at three chosen ones: while a checkpoint is written, while the held-out evaluation runs, and inside a
-    progress bar's finalizer (where an exception raised by a signal is dropped). Each run stops with status
-    130 and the one line; each resume then ends where an uninterrupted run ends."""
+    and at three chosen ones: while the last round's checkpoint is written (after its last training step and
+    block of sampling), while the held-out evaluation runs, and inside a progress bar's finalizer (where an
+    exception raised by a signal is dropped). Each run stops with status 130 and the one line; each resume
+    then ends where an uninterrupted run ends."""
     from tqdm import tqdm
     tqdm.monitor_interval = 0  # no monitor thread: this process forks
     if tqdm.monitor is not None:
@@ -338,8 +383,9 @@ def test_a_ctrl_c_at_any_moment_stops_the_run_in_one_line_and_resume_completes_i
     span = float(open(f"{log}.end").read()) - t0
     marker = str(tmp_path / "paused")
     moments = [(span * (i + 0.5) / 20, None) for i in range(20)] + [
-        (0.05, (checkpoint, "save_file", marker)), (0.05, (tsalign.evaluate, "held_out_metrics", marker)),
-        (0.05, (tqdm, "__del__", marker))]
+        (0.05, (checkpoint, "save_file", marker, lambda tensors, file: ".round_2.tmp" in file)),
+        (0.05, (tsalign.evaluate, "held_out_metrics", marker, lambda *a: True)),
+        (0.05, (tqdm, "__del__", marker, lambda *a: True))]
     for i, (delay, pause) in enumerate(moments):
         for attempt in range(5):  # a busy machine may run a later moment past the run's end: then a little sooner
             out, log = tmp_path / f"run{i}-{attempt}", tmp_path / f"run{i}-{attempt}.log"
@@ -382,16 +428,16 @@ def worker_log(logs, rank, stream="stderr"):
         return f.read()
 
 
-# Loaded by every worker of the test below (PYTHONPATH): process 0 meets a full disk while it writes round 1's
-# policy, the one checkpoint that --fsdp gathers from both processes as it is written.
-FULL_DISK = """
-import errno, os
+# Loaded by every worker of the test below (PYTHONPATH): process 0 meets a full disk as it writes the first
+# weight file of round 1's policy, which --fsdp gathers from both processes as it is written, file by file.
+FULL_DISK = f"""
+import os
 if os.environ.get("RANK") == "0":
-    import safetensors.torch as st
+    import safetensors, safetensors.torch as st
     real = st.save_file
     def save_file(tensors, filename, **kw):
         if ".round_1.tmp" + os.sep + "policy" in filename:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), filename)
+            raise safetensors.SafetensorError({FULL!r})
         return real(tensors, filename, **kw)
     st.save_file = save_file
 """
@@ -404,15 +450,16 @@ def test_under_torchrun_a_full_disk_on_process_0_stops_every_process_with_its_li
     site.mkdir()
     (site / "sitecustomize.py").write_text(FULL_DISK)
     proc = torchrun(argv(world, out, "--rounds", "1", "--sample-batch", "5", "--student-warmup", "0", "--device", "cpu",
-                         "--fsdp"), logs, {"PYTHONPATH": str(site)})
+                         "--fsdp", "--max-shard-size", "0.00002"), logs, {"PYTHONPATH": str(site)})  # 20 kB files
     log, _ = proc.communicate(timeout=240)  # not the collective timeout (30 minutes)
     assert proc.returncode != 0
     err0, err1 = worker_log(logs, 0), worker_log(logs, 1)
     assert "Traceback" not in err0 + err1, (err0[-3000:], err1[-3000:])
-    assert last_line(err0) == (f"tsalign: error: round 1 was not saved (No space left on device: {out}/.round_1.tmp/"
-                               f"policy/model.safetensors); round 0 is saved in {out} (round 0 took "
-                               f"{sum(v[0] for k, v in tree(out).items() if k.startswith('round_0')) / 1e6:.1f} MB); "
-                               f"free space, then continue with: torchrun ... tsalign.py --resume --out {out}")
+    size = sum(v[0] for k, v in tree(out).items() if k.startswith("round_0"))
+    assert re.fullmatch(re.escape(f"tsalign: error: round 1 was not saved (No space left on device: {out}/.round_1.tmp/"
+                                  f"policy/model-00001-of-") + r"\d{5}" + re.escape(
+                        f".safetensors); round 0 is saved in {out} (round 0 took {size / 1e6:.1f} MB); free space, then "
+                        f"continue with: torchrun ... tsalign.py --resume --out {out}"), last_line(err0)), err0[-2000:]
     assert "tsalign:" not in err1 and "Error" not in err1, err1[-3000:]  # process 1 stopped too, without a word
     assert not os.path.exists(out / ".round_1.tmp") and run.finished_rounds(str(out)) == [0]
 
