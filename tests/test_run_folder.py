@@ -372,8 +372,8 @@ def test_a_ctrl_c_at_any_moment_stops_the_run_in_one_line_and_resume_completes_i
     if tqdm.monitor is not None:
         tqdm.monitor.exit()
         tqdm.monitor = None
-    args = lambda out: argv(world, out, "--rounds", "2", "--prompts-per-round", "6", "--eval-count", "4",  # noqa: E731
-                            "--device", "cpu")
+    args = lambda out: argv(world, out, "--rounds", "2", "--prompts-per-round", "4", "--eval-count", "3",  # noqa: E731
+                            "--k", "3", "--max-new-tokens", "10", "--device", "cpu")
     started = lambda log: lambda: os.path.exists(log) and "run folder:" in log.read_text()  # noqa: E731
     full, log = tmp_path / "full", tmp_path / "full.log"
     pid = fork_main(args(full), log)
@@ -386,6 +386,12 @@ def test_a_ctrl_c_at_any_moment_stops_the_run_in_one_line_and_resume_completes_i
         (0.05, (checkpoint, "save_file", marker, lambda tensors, file: ".round_2.tmp" in file)),
         (0.05, (tsalign.evaluate, "held_out_metrics", marker, lambda *a: True)),
         (0.05, (tqdm, "__del__", marker, lambda *a: True))]
+
+    def check_resumed(i, out, pid):
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0, (i, open(f"{out}.log.resume").read()[-3000:])
+        assert without_seconds(metrics(out)) == without_seconds(metrics(full)), i
+
+    resuming = None
     for i, (delay, pause) in enumerate(moments):
         for attempt in range(5):  # a busy machine may run a later moment past the run's end: then a little sooner
             out, log = tmp_path / f"run{i}-{attempt}", tmp_path / f"run{i}-{attempt}.log"
@@ -406,8 +412,10 @@ def test_a_ctrl_c_at_any_moment_stops_the_run_in_one_line_and_resume_completes_i
             "no round is finished yet"
         assert last_line(text) == (f"tsalign: stopped by Ctrl-C; {saved} in {out}; continue with: python tsalign.py "
                                    f"--resume --out {out}"), (i, text[-2000:])
-        tsalign.main(["--resume", "--out", str(out), "--rounds", "2"])
-        assert without_seconds(metrics(out)) == without_seconds(metrics(full)), i
+        if resuming:  # one resume at a time runs beside the next stopped run (a fork, as the runs are)
+            check_resumed(*resuming)
+        resuming = (i, out, fork_main(["--resume", "--out", str(out), "--rounds", "2"], f"{log}.resume"))
+    check_resumed(*resuming)
 
 
 # ---- Under torchrun: every process stops at the same point, with process 0's one line ------------
