@@ -474,7 +474,7 @@ def test_under_torchrun_a_full_disk_on_process_0_stops_every_process_with_its_li
 
 @linux
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch built without torch.distributed")
-def test_under_torchrun_a_ctrl_c_to_one_process_stops_both_at_the_same_point(world, tmp_path):
+def test_under_torchrun_a_ctrl_c_to_one_process_stops_both_at_the_same_point(world, tmp_path, capsys):
     from test_distributed import children
     out, logs = tmp_path / "run", tmp_path / "logs"
     proc = torchrun(argv(world, out, "--rounds", "3", "--sample-batch", "2", "--student-warmup", "0", "--device", "cpu"),
@@ -484,6 +484,9 @@ def test_under_torchrun_a_ctrl_c_to_one_process_stops_both_at_the_same_point(wor
         assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
         time.sleep(0.01)
     ranks = children(proc.pid)
+    with pytest.raises(SystemExit):  # process 0 holds the folder
+        tsalign.main(["--resume", "--out", str(out), "--rounds", "3"])
+    assert f"{out} is in use by another run (pid {ranks[0]} on " in capsys.readouterr().err
     os.kill(ranks[1], signal.SIGINT)  # process 0 gets no signal: it must learn of it at the next safe point
     log, _ = proc.communicate(timeout=120)
     assert proc.returncode != 0
