@@ -289,9 +289,8 @@ def test_sampling_and_training_stop_within_one_block_or_step():
         if len(calls) == 2:
             train_loop.stop_signal = signal.SIGTERM
         return xs
-    with train_loop.stop_on_signals():
-        with pytest.raises(train_loop.Stopped) as e:
-            train_loop.spread(block, list(range(10)), block=2)
+    with train_loop.stop_on_signals(), pytest.raises(train_loop.Stopped) as e:
+        train_loop.spread(block, list(range(10)), block=2)
     assert len(calls) == 2 and e.value.signum == signal.SIGTERM
 
     lin, steps = torch.nn.Linear(2, 1), []
@@ -301,9 +300,8 @@ def test_sampling_and_training_stop_within_one_block_or_step():
         if len(steps) == 3:
             train_loop.stop_signal = signal.SIGINT
         return net(torch.ones(len(idx), 2)).pow(2).mean(), {}
-    with train_loop.stop_on_signals():
-        with pytest.raises(train_loop.Stopped):
-            train_loop.train(lin, 40, loss_fn, train_loop.TrainConfig(batch_size=2, progress=False))
+    with train_loop.stop_on_signals(), pytest.raises(train_loop.Stopped):
+        train_loop.train(lin, 40, loss_fn, train_loop.TrainConfig(batch_size=2, progress=False))
     assert len(steps) == 3
 
 
@@ -313,8 +311,7 @@ def fork_main(args, log, pause=None):
     python: this process has imported torch already, which takes a new one seconds. The child writes the time
     it passed the run's last safe point into log.end. pause: (owner, name, marker, when): the first call of
     owner.name for which when(*args) holds creates the file marker, then waits half a second, in the child."""
-    sys.stdout.flush()
-    sys.stderr.flush()
+    sys.stdout.flush(), sys.stderr.flush()
     pid = os.fork()
     if pid:
         return pid
