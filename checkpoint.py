@@ -8,11 +8,12 @@ mis-shaped. Saving walks the same table backwards, so a saved folder loads in tr
 """
 import json
 import os
+import re
 import shutil
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from encoder import ACTS, EncoderConfig, EncoderRewardModel
@@ -431,7 +432,30 @@ def save_model(model, path, max_shard_size=5 * 10**9):
     """Write config.json, the weights and the source checkpoint's tokenizer files into path, as transformers
     does: one model.safetensors, or past max_shard_size bytes shards model-0000i-of-0000n.safetensors and
     model.safetensors.index.json. Streamed: one shard (and one tensor) at a time in memory. Under torchrun
-    with a sharded model every process calls this (to gather); rank 0 writes."""
+    with a sharded model every process calls this (to gather); rank 0 writes. An OSError in rank 0's writes
+    (a full disk) is raised after rank 0 has still joined every gather, so no process is left waiting."""
+    tensors = hf_tensors(model)
+    try:
+        _save_model(model, path, max_shard_size, tensors)
+    except OSError:
+        for _ in tensors:  # the gathers the other processes are still in
+            pass
+        raise
+
+
+def write_weights(tensors, file):
+    """safetensors' save_file, a failed write raised as the OSError it is, naming the file (safetensors says
+    only "SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)")."""
+    try:
+        save_file(tensors, file, metadata={"format": "pt"})
+    except SafetensorError as e:
+        code = re.search(r"\(os error (\d+)\)", str(e))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), file) from None
+
+
+def _save_model(model, path, max_shard_size, tensors):
     cfg = model.config
     main = not dist.is_initialized() or dist.get_rank() == 0
     if not main and not any(hasattr(p, "full_tensor") for p in model.parameters()):
@@ -451,12 +475,12 @@ def save_model(model, path, max_shard_size=5 * 10**9):
             if name == "model.safetensors.index.json" or name.startswith("model") and name.endswith(".safetensors"):
                 os.remove(os.path.join(path, name))
     shard, done, total = {}, 0, 0
-    for name, t in hf_tensors(model):
+    for name, t in tensors:
         shard[name] = t
         total += t.numel() * t.element_size()
         if name == plan[done][-1]:  # a shard is complete
             if main:
-                save_file(shard, os.path.join(path, files[done]), metadata={"format": "pt"})
+                write_weights(shard, os.path.join(path, files[done]))
             shard, done = {}, done + 1
     if main and len(plan) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": {t: files[i] for i, names in enumerate(plan) for t in names}}

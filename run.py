@@ -3,6 +3,7 @@ Everything around the rounds: the options checked, the three models and the prom
 folder, written so that an interrupted run loses at most the round in progress and `--resume` continues it.
 
     runs/<date>-<time>/          (--out)
+      .lock                      held by the run while it runs (runlock.py), naming its process id and host
       config.json                the resolved options (a resumed run must not change them)
       metrics.jsonl              one JSON object per finished round, rebuilt after each one
       round_0/                   base_eval.json: the base policy's held-out answers, the agreement pairs
@@ -11,16 +12,20 @@ folder, written so that an interrupted run loses at most the round in progress a
                                  examples.json, metrics.json
 
 A round folder is written under a temporary name and renamed into place when complete: round_N is always
-whole. Only rank 0 writes (under torchrun every process runs the loop).
+whole. Only rank 0 writes (under torchrun every process runs the loop). One run at a time holds the folder;
+a write that fails (a full disk) or a Ctrl-C stops every process with one line that says what is saved and
+how to continue, and --resume first checks every file it will read back.
 """
-import datetime
 import glob
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import sys
+from contextlib import suppress
 from dataclasses import dataclass
 from functools import partial
 
@@ -29,6 +34,7 @@ import torch
 import data
 import evaluate
 import report
+import runlock
 import train_loop
 from checkpoint import check_folder, is_encoder, load_model, read_config, save_model
 from data import Pair, Sample
@@ -218,28 +224,98 @@ def read_json(path, lines=False):
 
 # ---- Rounds --------------------------------------------------------------------------------------
 
+def round_folders(out):
+    """The numbers N of the round_N folders in out (a folder renamed aside, round_3.old, is not one)."""
+    return sorted(int(n[6:]) for n in os.listdir(out) if re.fullmatch(r"round_\d+", n))
+
+
 def finished_rounds(out):
     """Rounds whose folder was completed (a round folder appears only once everything in it is written)."""
-    return sorted(int(n.split("_")[1]) for n in os.listdir(out)
-                  if n.startswith("round_") and os.path.exists(os.path.join(out, n, "metrics.json")))
+    return [r for r in round_folders(out) if os.path.exists(os.path.join(out, f"round_{r}", "metrics.json"))]
+
+
+class SaveFailed(Exception):
+    """A write to the run folder failed (a full disk, a quota, a lost mount): its one line, on every process."""
 
 
 def commit_round(out, r, write):
     """Call write(folder) on a temporary folder, then rename it to round_r: a crash leaves no half round.
     Then rebuild metrics.jsonl and report.html from every finished round. Under torchrun every process calls
-    this (sharded checkpoints are gathered by all of them); rank 0 writes."""
-    tmp, main = os.path.join(out, f".round_{r}.tmp"), train_loop.is_main()
-    if main:
+    this (sharded checkpoints are gathered by all of them); rank 0 writes. An OSError there: the partial
+    folder goes, and every process raises SaveFailed with the same line."""
+    tmp, main, error = os.path.join(out, f".round_{r}.tmp"), train_loop.is_main(), None
+    try:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+    except OSError as e:
+        error = e
+    try:
+        write(tmp)  # even after a failed makedirs: under --fsdp the others gather each weight with rank 0
+        if main and not error:
+            os.replace(tmp, os.path.join(out, f"round_{r}"))  # round_r is absent: --resume checked the folder
+    except OSError as e:
+        error = error or e
+    if main and error:
         shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-    write(tmp)
-    if main:
-        final = os.path.join(out, f"round_{r}")
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+        agree(f"round {r} was not saved ({why(error)}); {saved(out)}; free space, then continue with: "
+              f"{resume_command(out)}")
+    agree(rebuild_summaries(out) if main else None)
+
+
+def agree(message):
+    """Rank 0's line about a failed write, on every process (a collective): each raises SaveFailed with it."""
+    message = train_loop.broadcast(message)
+    if message:
+        raise SaveFailed(message)
+
+
+def rebuild_summaries(out):
+    """metrics.jsonl and report.html from every finished round (rank 0); a line if they could not be written."""
+    try:
         write_json(os.path.join(out, "metrics.jsonl"),
                    [read_json(os.path.join(out, f"round_{i}", "metrics.json")) for i in finished_rounds(out)], lines=True)
         report.write_run_report(out)
+    except OSError as e:
+        for name in ("metrics.jsonl.tmp", "report.html.tmp"):  # what was written of them; the old files stay
+            with suppress(OSError):
+                os.remove(os.path.join(out, name))
+        return (f"round {max(finished_rounds(out))} is saved in {out}, but metrics.jsonl or report.html could not be "
+                f"rewritten ({why(e)}); free space, then --resume rebuilds them: {resume_command(out)}")
+
+
+def why(e):  # an OSError in a few words, with the file it was about
+    return f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e.strerror or e)
+
+
+def saved(out, size=True):
+    """Which rounds are saved in out, and (size) how much space the last one took."""
+    done = finished_rounds(out)
+    if not done:
+        return f"no round is finished yet in {out}"
+    last, folder = max(done), os.path.join(out, f"round_{max(done)}")
+    took = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files) if size else 0
+    return (f"{f'rounds 0-{last} are' if last else 'round 0 is'} saved in {out}"
+            + (f" (round {last} took {took / 1e6:.1f} MB)" if size else ""))
+
+
+def resume_command(out):
+    return f"{'torchrun ...' if 'LOCAL_RANK' in os.environ else 'python'} tsalign.py --resume --out {out}"
+
+
+def write_config(args):
+    """config.json (rank 0); on --resume metrics.jsonl and report.html are rebuilt too. SaveFailed on a failure."""
+    message, path = None, os.path.join(args.out, "config.json")
+    if train_loop.is_main():
+        try:
+            write_json(path, {k: v for k, v in vars(args).items() if k not in ("report", "output")})
+        except OSError as e:
+            with suppress(OSError):
+                os.remove(path + ".tmp")
+            message = f"{path} could not be written ({e.strerror or e}); free space, then run the same command again"
+        if message is None and finished_rounds(args.out):  # --resume: as they were after the last round
+            message = rebuild_summaries(args.out)
+    agree(message)
 
 
 def load_base(out):
@@ -249,12 +325,24 @@ def load_base(out):
     return answers, [Pair(**p) for p in base["agreement_pairs"]], [Pair(**p) for p in base["warmup_pairs"]]
 
 
+def save_models(folder, max_shard_size, **models):
+    """save_model each into folder/name. An OSError (rank 0) comes after every model's save, as under --fsdp
+    the other processes gather the weights of each with rank 0."""
+    error = None
+    for name, m in models.items():
+        try:
+            save_model(m, os.path.join(folder, name), max_shard_size)
+        except OSError as e:
+            error = error or e
+    if error:
+        raise error
+
+
 def save_round(S, pairs, answers, base, metrics, folder):
     """round_N: the policy and student checkpoints, pairs.jsonl (the format other preference-training tools
     read, plus our margins and the policy's token ids), a few held-out answers (with the oracle's scores in
     the default world), the metrics."""
-    save_model(S.policy.lm, os.path.join(folder, "policy"), S.max_shard_size)
-    save_model(S.student.m, os.path.join(folder, "student"), S.max_shard_size)
+    save_models(folder, S.max_shard_size, policy=S.policy.lm, student=S.student.m)
     if not train_loop.is_main():
         return
     write_json(os.path.join(folder, "pairs.jsonl"), [p.to_json() for p in pairs], lines=True)
@@ -269,7 +357,7 @@ def save_round0(S, answers, agreement_pairs, warmup_pairs, warmed, metrics, fold
     """round_0: base_eval.json (the base policy's held-out answers, the agreement and warm-up pairs), the
     metrics, and with warmed the student after its warm-up."""
     if warmed:
-        save_model(S.student.m, os.path.join(folder, "student"), S.max_shard_size)
+        save_models(folder, S.max_shard_size, student=S.student.m)
     if not train_loop.is_main():
         return
     base = {"greedy": [g.__dict__ for g, _ in answers], "sampled": [[s.__dict__ for s in g] for _, g in answers],
@@ -292,25 +380,34 @@ RESUME_FREE = ("rounds", "resume", "out", "rebuild_world", "device", "report", "
 
 def open_run(args, explicit):
     """Set args.out to a new run folder, or to the one to resume, whose saved options then win (an
-    option given explicitly with another value is an error)."""
+    option given explicitly with another value is an error). The folder is locked before anything in it
+    is read or written, and a folder to resume is checked whole before anything is loaded."""
     if args.resume and args.out is None:
         runs = sorted(glob.glob(os.path.join("runs", "*", "config.json")))
         if not runs:
             fail("--resume: no run under runs/ to resume; give --out")
         args.out = os.path.dirname(runs[-1])
-    if args.out is None:
-        args.out = os.path.join("runs", datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
-        while os.path.exists(args.out):
-            args.out += "x"
-    cfg_path = os.path.join(args.out, "config.json")
     if not args.resume:
-        if os.path.exists(cfg_path):
+        try:
+            args.out = runlock.new_folder(args.out)
+            runlock.lock(args.out)
+        except runlock.Refused as e:
+            fail(str(e))
+        if os.path.exists(os.path.join(args.out, "config.json")):
             fail(f"{args.out} holds another run; use --resume to continue it or choose another --out")
-        os.makedirs(args.out, exist_ok=True)
         return args
+    cfg_path = os.path.join(args.out, "config.json")
     if not os.path.exists(cfg_path):
         fail(f"--resume: {args.out} has no run to resume (no config.json)")
-    saved = read_json(cfg_path)
+    try:
+        runlock.lock(args.out)
+    except runlock.Refused as e:
+        fail(str(e))
+    try:
+        saved = read_json(cfg_path)
+    except ValueError as e:
+        fail(f"--resume: {cfg_path} is damaged ({e}); the run's options are in it: repair it, or start a new run")
+    check_rounds(args.out)
     diff = [k for k in saved if k not in RESUME_FREE and k in explicit and getattr(args, k) != saved[k]]
     if diff:
         fail("--resume: options differ from the run being resumed: "
@@ -319,6 +416,31 @@ def open_run(args, explicit):
         if k not in RESUME_FREE:
             setattr(args, k, v)
     return args
+
+
+def check_rounds(out):
+    """--resume reads back every round from round_0 to the newest and loads the newest policy and student:
+    each file must parse and each checkpoint pass check_folder, checked before anything is loaded. A damaged
+    one: fail() naming it and how to redo its round (nothing is moved or deleted here)."""
+    last = max(round_folders(out), default=-1)
+    pairs = lambda p: [Pair(**x) for x in read_json(p, lines=True)]  # noqa: E731
+    for r in range(last + 1):
+        d = os.path.join(out, f"round_{r}")
+        reads = [("metrics.json", read_json), ("base_eval.json", lambda p: load_base(out)) if r == 0 else
+                 ("pairs.jsonl", pairs)]
+        if r == last:  # what the run loads, and what it prints at the end
+            reads += [("examples.json", read_json)] * (r > 0) + [(n, check_folder) for n in ("policy", "student")
+                                                                 if r > 0 or os.path.isdir(os.path.join(d, n))]
+        for name, read in reads:
+            try:
+                read(os.path.join(d, name))
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                missing = isinstance(e, FileNotFoundError) and read is not check_folder
+                how = "is missing" if missing else f"is damaged ({e})"
+                later = f" and every later round folder (to round_{last})" if r < last else ""
+                fail(f"--resume: {os.path.join(d, name)} {how}; to redo round {r}, move round_{r}{later} out of {out}, "
+                     f"then resume: {'they are' if later else 'it is'} recomputed from "
+                     f"{f'round {r - 1}' if r else 'the start'}")
 
 
 # ---- What a finished run prints ------------------------------------------------------------------
@@ -331,28 +453,28 @@ def draw_report(folders, output):
         fail(str(e))
 
 
-class Stopped(Exception):
-    """SIGTERM (what a job scheduler sends), raised in the main thread so it stops the run as Ctrl-C does."""
-
-
-def on_sigterm(signum, frame):
-    raise Stopped()
-
-
 def stopped(out, status):
     """One line instead of a traceback: what is saved, and the command that continues the run. Under
     torchrun every process is stopped, and process 0 alone says so."""
+    for s in (signal.SIGINT, signal.SIGTERM):  # a further Ctrl-C cannot break the line
+        signal.signal(s, signal.SIG_IGN)
     if train_loop.is_main():
         how = "Ctrl-C" if status == 130 else "SIGTERM"
-        launch = "torchrun ..." if "LOCAL_RANK" in os.environ else "python"
         if out and os.path.exists(os.path.join(out, "config.json")):
-            done = finished_rounds(out)
-            saved = f"rounds 0-{max(done)} are saved" if done else "no round is finished yet"
-            print(f"\ntsalign: stopped by {how}; {saved} in {out}; continue with: "
-                  f"{launch} tsalign.py --resume --out {out}", file=sys.stderr)
+            for tmp in glob.glob(os.path.join(out, ".round_*.tmp")):  # a round cut short by a second Ctrl-C
+                shutil.rmtree(tmp, ignore_errors=True)
+            print(f"\ntsalign: stopped by {how}; {saved(out, size=False)}; continue with: {resume_command(out)}",
+                  file=sys.stderr)
         else:
             print(f"\ntsalign: stopped by {how} before the run started; nothing is saved", file=sys.stderr)
     sys.exit(status)
+
+
+def save_failed(e):
+    """SaveFailed's one line (process 0), exit status 1 on every process."""
+    if train_loop.is_main():
+        print(f"tsalign: error: {e}", file=sys.stderr)
+    sys.exit(1)
 
 
 def print_table(out):

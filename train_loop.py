@@ -7,13 +7,16 @@ One plain training loop, and the three ways TS-Align uses it.
   train_sft     a causal LM imitates responses (how the default world builds its base policy)
 
 The loop (`train`) is AdamW, linear warm-up then a cosine or constant learning rate, gradient clipping and
-accumulation, a tqdm bar, and a guard that refuses a non-finite update; each trainer returns the mean of
-its metrics over the final epoch. Under torchrun it is data-parallel, and W processes take the very steps
+accumulation, a tqdm bar, a guard that refuses a non-finite update, and a safe point per micro-batch where a
+Ctrl-C stops the run; each trainer returns the mean of its metrics over the final epoch. Under torchrun it is data-parallel, and W processes take the very steps
 that one would. Everything here works on token ids (data.py makes them).
 Shapes: B batch, T time, C model dim, V vocab, N response positions in a batch.
 """
 import math
 import os
+import signal
+import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -147,8 +150,14 @@ def spread(fn, *columns, block=64, desc=None):
     as pickles (keep them small, on the CPU). desc: a progress bar over this process's blocks."""
     starts = range(0, len(columns[0]), block)
     ours = [s for j, s in enumerate(starts) if j % world_size() == rank()]
-    bar = tqdm(ours, desc=desc, disable=desc is None or not is_main(), leave=False, dynamic_ncols=True)
-    done = {s: fn(*(c[s:s + block] for c in columns)) for s in bar}
+    bar = tqdm(total=len(ours), desc=desc, disable=desc is None or not is_main(), leave=False, dynamic_ncols=True)
+    done = {}
+    for j in range(math.ceil(len(starts) / world_size())):  # as many turns on every process, each a safe point
+        safe_point()
+        if j < len(ours):
+            done[ours[j]] = fn(*(c[ours[j]:ours[j] + block] for c in columns))
+            bar.update()
+    bar.close()
     if world_size() > 1:
         parts = [None] * world_size()
         dist.all_gather_object(parts, done)
@@ -165,9 +174,66 @@ def _sum_over_ranks(values, device):
     return t.tolist()
 
 
-def _any_rank(flag, device):
-    """Whether flag is true on any rank (a collective: every rank must call it)."""
-    return _sum_over_ranks([float(flag)], device)[0] > 0
+# ---- Stopping at a safe point: Ctrl-C and SIGTERM -------------------------------------------------
+# The signal handler (stop_on_signals) only records the signal in stop_signal; the run stops at the next
+# safe point: every training micro-batch and every block of spread's work. So an interrupt is never lost
+# (Python drops an exception raised inside a finalizer, a progress bar's for one), and under torchrun every
+# process stops at the same point: they agree there in one all-reduce, and none is left in a collective.
+
+stop_signal = None  # signal.SIGINT or signal.SIGTERM, once one arrived
+
+
+class Stopped(BaseException):
+    """A Ctrl-C or SIGTERM acted on. A BaseException, as KeyboardInterrupt is: no `except Exception` takes it."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _stop_votes():  # this process's [Ctrl-C, SIGTERM], to be summed over the ranks
+    return [float(stop_signal == signal.SIGINT), float(stop_signal == signal.SIGTERM)]
+
+
+def _stop_if(votes):
+    """Raise Stopped if any process got a signal: its own, or else SIGTERM over Ctrl-C."""
+    if votes[0] or votes[1]:
+        raise Stopped(stop_signal or (signal.SIGTERM if votes[1] else signal.SIGINT))
+
+
+def safe_point():
+    """Stop here if any process got a signal (a collective under torchrun: every rank must call it)."""
+    on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"  # nccl reduces GPU tensors only
+    _stop_if(_sum_over_ranks(_stop_votes(), "cuda" if on_gpu else "cpu"))
+
+
+@contextmanager
+def stop_on_signals():
+    """While the block runs, Ctrl-C (SIGINT) and SIGTERM (what a job scheduler sends) are recorded, and the run
+    stops at its next safe point. A second one, a second or more later, raises Stopped at once; sooner, it is
+    the first delivered again (a terminal sends Ctrl-C to every process, and torchrun passes it on too)."""
+    global stop_signal
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    first = []
+
+    def record(signum, frame):
+        global stop_signal
+        if stop_signal is None:
+            stop_signal = signum
+            first.append(time.monotonic())
+        elif time.monotonic() - first[0] > 1:
+            raise Stopped(signum)
+
+    stop_signal = None
+    before = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+        stop_signal = None
 
 
 # ---- The loop ------------------------------------------------------------------------------------
@@ -221,7 +287,9 @@ def train(model, n_examples, loss_fn, tc):
                 # Every rank runs the same number of backward passes, as each ends in an all-reduce: a
                 # rank with no example in this micro-batch runs one with weight 0.
                 loss, metrics = loss_fn(net, share or chunk[mb:mb + 1])
-                if _any_rank(not torch.isfinite(loss), device):
+                bad, *votes = _sum_over_ranks([float(not torch.isfinite(loss)), *_stop_votes()], device)
+                _stop_if(votes)  # a safe point (see safe_point), in the collective every micro-batch has anyway
+                if bad:
                     opt.zero_grad(set_to_none=True)
                     raise NonFiniteError(f"{tc.desc}: loss is not finite at step {step} (here {loss.item()}); the "
                                          f"update was not applied and the weights are as they were before it")

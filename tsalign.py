@@ -23,7 +23,6 @@ import argparse
 import math
 import os
 import random
-import signal
 import sys
 from dataclasses import dataclass, replace
 from functools import partial
@@ -34,6 +33,7 @@ import data
 import evaluate
 import model
 import run
+import runlock
 import train_loop
 from checkpoint import load_model
 from data import Pair, Sample
@@ -294,13 +294,21 @@ def round_zero(S, cfg, warmup, out):
 # ---- The run -------------------------------------------------------------------------------------
 
 def main(argv=None):
-    args = parse_args(argv)
-    if args.report:  # no training: draw the given run folders on the same axes
-        return run.draw_report(args.report, args.output)
-    try:
-        train(args)
-    except (KeyboardInterrupt, run.Stopped) as e:  # one line, what is saved, how to continue; 130 or 143
-        run.stopped(args.out, 143 if isinstance(e, run.Stopped) else 130)
+    args = None
+    with train_loop.stop_on_signals():  # Ctrl-C and SIGTERM stop the run at its next safe point
+        try:
+            args = parse_args(argv)
+            if args.report:  # no training: draw the given run folders on the same axes
+                return run.draw_report(args.report, args.output)
+            train(args)
+        except train_loop.Stopped as e:  # one line, what is saved, how to continue; 130 or 143
+            run.stopped(args and args.out, 128 + e.signum)
+        except KeyboardInterrupt:
+            run.stopped(args and args.out, 130)
+        except run.SaveFailed as e:  # a full disk: one line, what is saved, how to continue; status 1
+            run.save_failed(e)
+        finally:
+            runlock.unlock()
 
 
 def train(args):
@@ -310,10 +318,9 @@ def train(args):
     except (ValueError, FileNotFoundError) as e:
         run.fail(str(e))
     cfg = round_config(args, S.base_dir)
+    train_loop.safe_point()  # a Ctrl-C while the models loaded
     done = train_loop.broadcast(run.finished_rounds(args.out) if train_loop.is_main() else None)
-    if train_loop.is_main():
-        run.write_json(os.path.join(args.out, "config.json"),
-                       {k: v for k, v in vars(args).items() if k not in ("report", "output")})
+    run.write_config(args)
     last = max(done) if done else 0
     run.say(f"run folder: {args.out}" + (f" (resuming after round {last})" if done else "")
             + (f", {train_loop.world_size()} processes" if train_loop.world_size() > 1 else ""))
@@ -342,6 +349,7 @@ def train(args):
         run.print_table(args.out)
         run.print_examples(args.out, base)
         print(f"\nreport: {os.path.join(args.out, 'report.html')}")
+    train_loop.safe_point()  # a Ctrl-C during the last save or the table: the run still ends as stopped
     train_loop.finish()
 
 
@@ -420,9 +428,14 @@ def parse_args(argv):
             setattr(args, k, v)
     run.check(args)
     device = train_loop.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"), args.fsdp)
-    if train_loop.is_main():  # rank 0 opens the run folder; every process then takes its options
-        args = run.open_run(args, explicit)
+    if train_loop.is_main():  # rank 0 opens (and locks) the run folder; every process then takes its options
+        try:
+            args = run.open_run(args, explicit)
+        except SystemExit as e:  # refused, in one line: every process leaves with its status
+            args = e
     args = train_loop.broadcast(args)
+    if isinstance(args, SystemExit):
+        sys.exit(args.code)
     args.device = device  # each process its own
     return args
 
@@ -445,5 +458,4 @@ if __name__ == "__main__":
         from torch.distributed.elastic.multiprocessing.errors import record
         record(main)()
     else:
-        signal.signal(signal.SIGTERM, run.on_sigterm)
         main()
