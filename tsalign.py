@@ -387,7 +387,7 @@ def build_parser():
     a("--sft-coef", type=float, default=0.0, help="weight of an extra SFT term on the chosen responses")
     a("--rdpo-alpha", type=float, default=0.0, help="R-DPO (Park et al. 2024): alpha of the length term alpha (|y_w| - |y_l|) inside DPO's sigmoid (0: off)")
     a("--length-penalty", type=float, default=0.0, help="subtract this x the response's token count from the teacher's scores before the pair is ordered (0: off)")
-    a("--student-length-penalty", type=float, default=0.0, help="subtract this x the response's token count from the student's scores before it picks best and worst (0: off)")
+    a("--student-length-penalty", type=float, default=None, help="subtract this x the response's token count from the student's scores before it picks best and worst (default: 0.5 in the world, 0 otherwise)")
     a("--reference", choices=("round-start", "sft"), default="round-start", help="DPO reference: the round-start policy or the original SFT policy")
     a("--lr", type=float, default=None, help="policy learning rate")
     a("--epochs", type=int, default=None, help="DPO epochs over each round's pairs")
@@ -424,7 +424,7 @@ def build_parser():
 
 
 CHECKPOINT_DEFAULTS = dict(beta=0.1, prompts_per_round=256, eval_count=64, min_margin=0.0, max_new_tokens=256,
-                           lr=5e-7, epochs=1, batch_size=8, student_lr=1e-5, student_epochs=1)
+                           lr=5e-7, epochs=1, batch_size=8, student_lr=1e-5, student_epochs=1, student_length_penalty=0.0)
 
 
 def parse_args(argv):
