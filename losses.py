@@ -71,15 +71,16 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
           with label smoothing eps, conservative DPO (Mitchell 2023), for labels that are wrong with
           probability eps:  -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h)
         ipo (Azar et al. 2023, eq. 17):  (h - 1 / (2 beta))^2
-        R-DPO (Park et al. 2024, "Disentangling Length from Quality in DPO"), with rdpo_alpha > 0 and the responses' token counts (B,):
+        R-DPO (Park et al. 2024, "Disentangling Length from Quality in DPO"), with rdpo_alpha > 0 and the
+          responses' token counts (B,):
           the sigmoid's argument beta * h becomes  beta * h + alpha (|y_c| - |y_r|).
           It comes from a reward that is length-regularised, r - alpha |y|: a preference that the chosen
           response's extra length explains already is not learned again, so length is not what the policy
           learns to raise.
 
-    At h = 0, i.e. policy == reference, the sigmoid loss is log 2 (with R-DPO -log sigmoid(alpha (|y_c| - |y_r|)))
-    and the IPO loss 1 / (4 beta^2): a cheap check that the reference is really there. Returns losses (B,) and detached metrics on the implicit rewards
-    beta * (pi - ref) of chosen and rejected.
+    At h = 0, i.e. policy == reference, the sigmoid loss is log 2 (with R-DPO, -log sigmoid(alpha (|y_c| -
+    |y_r|))) and the IPO loss 1 / (4 beta^2): a cheap check that the reference is really there. Returns losses
+    (B,) and detached metrics on the implicit rewards beta * (pi - ref) of chosen and rejected.
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")

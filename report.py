@@ -226,7 +226,8 @@ def page(runs):
     for run, name in zip(runs, names):
         if name:  # several runs: each one's tables under its name (one run: the page's title says it)
             parts.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(run['folder'])}</p>")
-        parts.append("<h3>Metrics</h3>" + table(METRIC_COLUMNS, [[m.get(c) for c in METRIC_COLUMNS] for m in run["rows"]], 3))
+        parts.append("<h3>Metrics</h3>"
+                     + table(METRIC_COLUMNS, [[m.get(c) for c in METRIC_COLUMNS] for m in run["rows"]], 3))
         pairs = [[r, p.get("prompt"), p.get("chosen"), p.get("rejected"), p.get("margin")]
                  for r, ps in run["pairs"].items() for p in ps]
         parts.append("<h3>Mined pairs (the first three of each round)</h3>"

@@ -109,7 +109,8 @@ def teacher_decides(teacher, prompts, pools, ranked, length_penalty=0.0):
         firsts, seconds = [pools[i][ranked[i].best] for i in live], [pools[i][ranked[i].worst] for i in live]
         m = teacher.margins([prompts[i] for i in live], firsts, seconds)
         if length_penalty:  # (s_b - lambda |b|) - (s_w - lambda |w|)
-            m = m - length_penalty * torch.tensor([len(b.ids) - len(w.ids) for b, w in zip(firsts, seconds)], dtype=m.dtype)
+            longer = torch.tensor([len(b.ids) - len(w.ids) for b, w in zip(firsts, seconds)], dtype=m.dtype)
+            m = m - length_penalty * longer
         for i, mi in zip(live, m.tolist()):
             b, w = ranked[i].best, ranked[i].worst
             out[i] = Ranked(w, b, -mi, 2, overturned=True) if mi < 0 else Ranked(b, w, mi, 2)

@@ -27,7 +27,8 @@ def test_rdpo_matches_the_closed_form():
     beta, alpha = 0.7, 0.2
     t = [torch.tensor(x) for x in (pi_c, pi_r, ref_c, ref_r)]
     z = beta * ((pi_c - ref_c) - (pi_r - ref_r)) + alpha * (len_c - len_r)
-    losses, _ = dpo_loss(*t, beta=beta, rdpo_alpha=alpha, len_chosen=torch.tensor(len_c), len_rejected=torch.tensor(len_r))
+    losses, _ = dpo_loss(*t, beta=beta, rdpo_alpha=alpha, len_chosen=torch.tensor(len_c),
+                         len_rejected=torch.tensor(len_r))
     nls = lambda x: np.logaddexp(0.0, -x)  # noqa: E731  -log sigmoid(x), numpy's stable form (z reaches 30 here)
     np.testing.assert_allclose(losses.numpy(), nls(z), rtol=1e-10)
     eps = 0.1  # with conservative DPO's smoothing, the same argument on both sides

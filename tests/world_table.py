@@ -6,10 +6,11 @@ markdown rows the README shows.
     python tests/world_table.py --seeds 0 --work runs/table   # one seed; run folders kept (and reused) there
 
 The runs, each `python tsalign.py --rounds R --seed S ...` on the shipped world (default_world/):
-  selection table   --selection ts-align | teacher-all | student-only --min-margin 0.1
-  distilled table   (a) the initial student, student-only (the run above); (b) the round-R student of the
-                    ts-align run, student-only, without length countermeasures (PLAIN); (b') the same with
-                    them (COUNTER); (c) the ts-align run itself
+  selection table   --selection ts-align | teacher-all | student-only --min-margin 0.1 (without the world's
+                    student length penalty: the student's own order, PLAIN) | the same with the penalty
+  distilled table   (a) the initial student, student-only (PLAIN, the run above); (b) the round-R student
+                    of the ts-align run, student-only, PLAIN; (b') the same with the length countermeasures
+                    (COUNTER); (c) the ts-align run itself
 A run folder that already holds R rounds is read, not run again (its first R rounds, if it has more: every
 round's seeds derive from --seed and the round alone), so an interrupted table continues.
 Not a test (pytest collects only test_*.py).
@@ -74,12 +75,14 @@ def main():
     sel, dist = [], []
     for seed in seeds:
         runs = {name: run(args.work, name, args.rounds, seed, opts) for name, opts in
-                [("ts-align", []), ("teacher-all", ["--selection", "teacher-all"]), ("student-only", STUDENT_ONLY)]}
+                [("ts-align", []), ("teacher-all", ["--selection", "teacher-all"]),
+                 ("student-only", STUDENT_ONLY + PLAIN), ("student-only-penalised", STUDENT_ONLY)]}
         student = os.path.join(runs["ts-align"][0], f"round_{args.rounds}", "student")
         runs["distilled"] = run(args.work, "distilled", args.rounds, seed, STUDENT_ONLY + ["--student", student] + PLAIN)
         runs["distilled-counter"] = run(args.work, "distilled-counter", args.rounds, seed,
                                         STUDENT_ONLY + ["--student", student] + COUNTER)
-        sel += [(name, seed, runs[name][1]) for name in ("ts-align", "teacher-all", "student-only")]
+        sel += [(name, seed, runs[name][1]) for name in
+                ("ts-align", "teacher-all", "student-only", "student-only-penalised")]
         dist += [(name, seed, runs[key][1]) for name, key in
                  [("(a) initial student, student-only", "student-only"),
                   (f"(b) distilled student (round {args.rounds} of (c)), student-only, " + " ".join(PLAIN), "distilled"),
@@ -89,8 +92,9 @@ def main():
           f"| student-teacher agreement, round 0 -> {args.rounds} | teacher calls ({args.rounds} rounds) | exact answers "
           f"(round {args.rounds}) | oracle accuracy of mined pairs, rounds {r} | policy length (round {args.rounds}) |")
     print("| --- " * 9 + "|")
-    for name in ("ts-align", "teacher-all", "student-only"):
-        print("\n".join(selection_row(n, s, rows) for n, s, rows in sel if n == name))
+    shown = {"student-only-penalised": "student-only, " + " ".join(COUNTER[:2])}  # the world's default penalty
+    for name in ("ts-align", "teacher-all", "student-only", "student-only-penalised"):
+        print("\n".join(selection_row(shown.get(n, n), s, rows) for n, s, rows in sel if n == name))
     print(f"\n| student, selection | seed | greedy win rate vs base, rounds {r} (stderr) | oracle accuracy of mined "
           f"pairs, rounds {r} | teacher calls | policy length (round {args.rounds}) |")
     print("| --- " * 6 + "|")
