@@ -62,7 +62,7 @@ def ranking_loss(r_chosen, r_rejected, margin=0.0):
 
 
 def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_type="sigmoid",
-             label_smoothing=0.0):
+             label_smoothing=0.0, rdpo_alpha=0.0, len_chosen=None, len_rejected=None):
     """Direct Preference Optimization loss for the policy, from (B,) summed sequence log-probs.
 
     With the log-ratio difference h = (pi_c - ref_c) - (pi_r - ref_r):
@@ -71,10 +71,16 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
           with label smoothing eps, conservative DPO (Mitchell 2023), for labels that are wrong with
           probability eps:  -(1 - eps) log sigmoid(beta * h) - eps log sigmoid(-beta * h)
         ipo (Azar et al. 2023, eq. 17):  (h - 1 / (2 beta))^2
+        R-DPO (Park et al. 2024, "Disentangling Length from Quality in DPO"), with rdpo_alpha > 0 and the
+          responses' token counts (B,):
+          the sigmoid's argument beta * h becomes  beta * h + alpha (|y_c| - |y_r|).
+          It comes from a reward that is length-regularised, r - alpha |y|: a preference that the chosen
+          response's extra length explains already is not learned again, so length is not what the policy
+          learns to raise.
 
-    At h = 0, i.e. policy == reference, the sigmoid loss is log 2 and the IPO loss 1 / (4 beta^2): a cheap
-    check that the reference is really there. Returns losses (B,) and detached metrics on the implicit rewards
-    beta * (pi - ref) of chosen and rejected.
+    At h = 0, i.e. policy == reference, the sigmoid loss is log 2 (with R-DPO, -log sigmoid(alpha (|y_c| -
+    |y_r|))) and the IPO loss 1 / (4 beta^2): a cheap check that the reference is really there. Returns losses
+    (B,) and detached metrics on the implicit rewards beta * (pi - ref) of chosen and rejected.
     """
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
@@ -84,13 +90,17 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
     if label_smoothing > 0 and loss_type != "sigmoid":
         raise ValueError(f"label_smoothing applies to loss_type 'sigmoid' only, got loss_type {loss_type!r}")
+    if rdpo_alpha < 0 or (rdpo_alpha > 0 and (loss_type != "sigmoid" or len_chosen is None or len_rejected is None)):
+        raise ValueError(f"rdpo_alpha must be >= 0, and > 0 needs loss_type 'sigmoid' and both lengths; got "
+                         f"{rdpo_alpha}, {loss_type!r}")
 
     h_chosen = pi_chosen - ref_chosen  # (B,) log-ratio of the chosen response
     h_rejected = pi_rejected - ref_rejected  # (B,)
     h = h_chosen - h_rejected  # (B,)
     if loss_type == "sigmoid":
         eps = label_smoothing
-        losses = -(1 - eps) * F.logsigmoid(beta * h) - eps * F.logsigmoid(-beta * h)
+        z = beta * h if rdpo_alpha == 0 else beta * h + rdpo_alpha * (len_chosen - len_rejected)  # (B,)
+        losses = -(1 - eps) * F.logsigmoid(z) - eps * F.logsigmoid(-z)
     else:
         # With summed log-probs by default; the IPO paper averages them per token (sequence_logprobs'
         # average=True, `--average-logprobs`).

@@ -33,7 +33,7 @@ CHARTS = [
 CHARTS_BY_TITLE = dict(CHARTS)
 SVG_CHARTS = ("Win rate vs base (greedy)", "Oracle accuracy", "Teacher calls, cumulative")  # -o .svg: first series
 COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf")
-DASHES = ("", "6 3", "2 3", "8 3 2 3", "1 2")
+DASHES = ("", "6 3", "2 3", "8 3 2 3", "1 2")  # several runs on one chart differ in these too, not only in colour
 
 
 def number(x):
@@ -59,11 +59,26 @@ def rows_of(metrics):
 
 # ---- A line chart, as SVG ------------------------------------------------------------------------
 
-def line_chart(title, series, width=440, height=270):
-    """series: [(label, color, dash, points)], points [(round, value, stderr or None)], value None is no point.
-    Returns an <svg> element: axes, one polyline per series, error bars, a circle per point whose <title> holds
-    its value, and the legend."""
-    points = [(x, y, e or 0) for *_, pts in series for x, y, e in pts if y is not None]
+def ticks(lo, hi, most=6):
+    """Round values for a y axis that covers [lo, hi]: the finest step of 1, 2 or 5 x 10^k that needs at most
+    `most` intervals (0.5, 0.6, 0.7 rather than 0.465, 0.57). Returns the values and their labels."""
+    mag = 10 ** math.floor(math.log10((hi - lo) / most))
+    for step in (m * mag for m in (1, 2, 5, 10, 20, 50)):
+        first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
+        if last - first <= most:
+            break
+    values = [i * step for i in range(first, last + 1)]
+    unit, div = ("k", 1000) if step >= 1000 else ("", 1)
+    digits = next(d for d in range(9) if abs(round(step / div, d) - step / div) < 1e-6 * step / div)
+    return values, [f"{v / div:.{digits}f}{unit}" if v else "0" for v in values]
+
+
+def line_chart(title, series, width=440, height=270, line_at=None):
+    """series: [(label, color, dash, points, hollow=False)], points [(round, value, stderr or None)], value None
+    is no point. Returns an <svg> element: axes, one polyline per series, error bars, a circle per point (hollow
+    ones for hollow series) whose <title> holds its value, and the legend; with line_at, a dashed line at that
+    value (the base's win rate, 0.5)."""
+    points = [(x, y, e or 0) for _, _, _, pts, *_ in series for x, y, e in pts if y is not None]
     left, right, top = 52, 10, 26
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height + 16 * len(series)}" '
            f'font-family="sans-serif" font-size="11"><text x="{width / 2}" y="16" text-anchor="middle" '
@@ -72,34 +87,41 @@ def line_chart(title, series, width=440, height=270):
         return "\n".join(svg + [f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle">no data</text></svg>'])
     first, last = min(p[0] for p in points), max(p[0] for p in points)
     x0, x1 = (first, last) if last > first else (first - 1, last + 1)  # one round: centred
-    y0, y1 = min(y - e for _, y, e in points), max(y + e for _, y, e in points)
-    pad = (y1 - y0) * 0.1 or abs(y1) * 0.1 or 1.0
+    ys = [y - e for _, y, e in points] + [y + e for _, y, e in points] + ([line_at] if line_at is not None else [])
+    y0, y1 = min(ys), max(ys)
+    pad = (y1 - y0) * 0.03 if y1 - y0 > 1e-9 * max(1.0, abs(y1)) else abs(y1) * 0.1 or 1.0  # off the frame
     y0, y1 = (y0 - pad if y0 - pad >= 0 or y0 < 0 else 0.0), y1 + pad  # counts and rates do not go below 0
+    values, tick_labels = ticks(y0, y1)
+    y0, y1 = values[0], values[-1]
     sx = lambda x: left + (x - x0) / (x1 - x0) * (width - left - right)           # noqa: E731
     sy = lambda y: top + (y1 - y) / (y1 - y0) * (height - top - 40)               # noqa: E731
     svg.append(f'<path d="M{left},{top}V{height - 40}H{width - right}" fill="none" stroke="#444"/>')
-    for i in range(5):  # y grid and labels
-        v = y0 + (y1 - y0) * i / 4
-        tick = f"{v / 1000:.3g}k" if abs(y1) >= 1000 else f"{v:.3g}"
+    for v, tick in zip(values, tick_labels):  # y grid and labels
         svg.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(v):.1f}" y2="{sy(v):.1f}" stroke="#eee"/>'
                    f'<text x="{left - 4}" y="{sy(v) + 4:.1f}" text-anchor="end">{tick}</text>')
+    if line_at is not None:
+        svg.append(f'<line x1="{left}" x2="{width - right}" y1="{sy(line_at):.1f}" y2="{sy(line_at):.1f}" '
+                   f'stroke="#777" stroke-dasharray="5 4"/><text x="{width - right - 2}" y="{sy(line_at) - 4:.1f}" '
+                   f'text-anchor="end" fill="#777" font-size="10">{line_at:g}: no better than the base</text>')
     for x in range(int(first), int(last) + 1):
         svg.append(f'<text x="{sx(x):.1f}" y="{height - 26}" text-anchor="middle">{x}</text>')
     svg.append(f'<text x="{(left + width - right) / 2}" y="{height - 12}" text-anchor="middle">round</text>')
-    for k, (label, color, dash, pts) in enumerate(series):
+    for k, (label, color, dash, pts, *hollow) in enumerate(series):
         drawn = [(x, y, e) for x, y, e in pts if y is not None]
         line = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in drawn)
+        fill = "white" if hollow and hollow[0] else color
         svg.append(f'<polyline points="{line}" fill="none" stroke="{color}" stroke-width="2" stroke-dasharray="{dash}"/>')
         for x, y, e in drawn:
             if e:
                 svg.append(f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{sy(y - e):.1f}" y2="{sy(y + e):.1f}" '
                            f'stroke="{color}"/>')
             value = f"{y!r}" + (f" ± {e!r}" if e else "")
-            svg.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{color}"><title>'
+            svg.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5" fill="{fill}" stroke="{color}"><title>'
                        f'{html.escape(label)}, round {x}: {value}</title></circle>')
         ly = height + 16 * k - 4
         svg.append(f'<line x1="10" x2="34" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="2" stroke-dasharray='
-                   f'"{dash}"/><text x="40" y="{ly + 4}" font-size="10">{html.escape(label)}</text>')
+                   f'"{dash}"/><circle cx="22" cy="{ly}" r="3" fill="{fill}" stroke="{color}"/>'
+                   f'<text x="40" y="{ly + 4}" font-size="10">{html.escape(label)}</text>')
     return "\n".join(svg + ["</svg>"])
 
 
@@ -133,28 +155,35 @@ def labels(runs):
 
 
 def charts(runs, titles=None, first_only=False):
-    """The CHARTS (or those titled in titles; with first_only, their first series only) for these runs: one
-    series per run and metric."""
+    """The CHARTS (or those titled in titles; with first_only, their first series only) for these runs. One run:
+    a chart per title, its metrics told apart by colour and dash. Several runs: a chart per title and metric,
+    a series per run, each run with its own colour, dash and marker (filled or hollow), so that the runs are
+    told apart without colour too."""
     names = labels(runs) if len(runs) > 1 else [""]
     out = []
     for title, specs in CHARTS:
         if titles and title not in titles:
             continue
         specs = specs[:1] if first_only else specs
-        series = []
-        for i, (run, name) in enumerate(zip(runs, names)):
-            for j, (label, key, err) in enumerate(specs):
-                points = [(m["round"], number(m.get(key)), number(m.get(err)) if err else None) for m in run["rows"]]
-                if any(y is not None for _, y, _ in points):
-                    series.append((name if name and first_only else f"{name}: {label}" if name else label,
-                                   COLORS[(i if len(runs) > 1 else j) % len(COLORS)], DASHES[j % len(DASHES)], points))
-        out.append(line_chart(f"{title} ({specs[0][0]})" if first_only and len(CHARTS_BY_TITLE[title]) > 1 else title,
-                              series))
+        for group in [specs] if len(runs) == 1 else [[spec] for spec in specs]:
+            series = []
+            for i, (run, name) in enumerate(zip(runs, names)):
+                for j, (label, key, err) in enumerate(group):
+                    points = [(m["round"], number(m.get(key)), number(m.get(err)) if err else None) for m in run["rows"]]
+                    if any(y is not None for _, y, _ in points):
+                        style = i if len(runs) > 1 else j
+                        series.append((name or label, COLORS[style % len(COLORS)], DASHES[style % len(DASHES)], points,
+                                       len(runs) > 1 and i % 2 == 1))
+            one = len(group) == 1 and len(CHARTS_BY_TITLE[title]) > 1  # one of the title's metrics: say which
+            out.append(line_chart(f"{title} ({group[0][0]})" if one else title, series,
+                                  line_at=0.5 if title.startswith("Win rate") else None))
     return out
 
 
-def table(head, rows):
-    cell = lambda x: html.escape(x if isinstance(x, str) else json.dumps(x))  # noqa: E731
+def table(head, rows, digits=None):
+    """An HTML table; with digits, floats rounded to that many decimals."""
+    cell = lambda x: html.escape(x if isinstance(x, str) else f"{x:.{digits}f}" if digits is not None and  # noqa: E731
+                                 isinstance(x, float) else json.dumps(x))
     return ("<table><tr>" + "".join(f"<th>{cell(h)}</th>" for h in head) + "</tr>"
             + "".join("<tr>" + "".join(f"<td>{cell(x)}</td>" for x in row) + "</tr>" for row in rows) + "</table>")
 
@@ -163,22 +192,46 @@ METRIC_COLUMNS = ("round", "pairs", "teacher_calls", "win_rate_vs_base", "win_ra
                   "student_teacher_agreement", "pairs_oracle_accuracy", "dpo_loss", "policy_len")
 STYLE = ("body{font-family:sans-serif;max-width:1400px;margin:auto;padding:1em}table{border-collapse:collapse;"
          "margin:.5em 0}td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px;text-align:left;"
-         "vertical-align:top;white-space:pre-wrap}.charts svg{margin:4px;border:1px solid #eee}")
+         "vertical-align:top;white-space:pre-wrap}.charts svg{margin:4px;border:1px solid #eee}"
+         ".headline{font-size:16px;font-weight:bold;margin:.3em 0}")
+
+
+def headline(run):
+    """The run in one line: its last round's greedy win rate with its standard error, the teacher calls
+    against the teacher scoring all K, and the student-teacher agreement before -> after."""
+    rows = [m for m in run["rows"] if number(m.get("win_rate_vs_base")) is not None]
+    if not rows:
+        return "no finished round yet"
+    last, agree = rows[-1], [number(m.get("student_teacher_agreement")) for m in run["rows"]]
+    agree = [a for a in agree if a is not None]
+    parts = [f"round {last['round']}: greedy win rate vs base {last['win_rate_vs_base']:.3f} ± "
+             f"{number(last.get('win_rate_stderr_vs_base')) or 0:.3f}"]
+    if last.get("calls_bound"):
+        parts.append(f"teacher calls {last['calls']:,} against {last['calls_bound']:,} scoring all K "
+                     f"({last['calls'] / last['calls_bound']:.2f})")
+    if agree:
+        parts.append(f"student-teacher agreement {agree[0]:.3f} → {agree[-1]:.3f}")
+    return "; ".join(parts)
 
 
 def page(runs):
     """The HTML of one run's report, or of several runs compared."""
     title = "TS-Align run " + runs[0]["folder"] if len(runs) == 1 else f"TS-Align: {len(runs)} runs compared"
+    names = labels(runs) if len(runs) > 1 else [None]
+    heads = "".join(f"<p class='headline'>{html.escape((name + ': ' if name else '') + headline(run))}</p>"
+                    for run, name in zip(runs, names))
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>",
+             f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>{heads}",
              "<div class='charts'>" + "".join(charts(runs)) + "</div>"]
-    for run, name in zip(runs, labels(runs) if len(runs) > 1 else [run["folder"] for run in runs]):
-        parts.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(run['folder'])}</p>")
-        parts.append("<h3>Metrics</h3>" + table(METRIC_COLUMNS, [[m.get(c) for c in METRIC_COLUMNS] for m in run["rows"]]))
+    for run, name in zip(runs, names):
+        if name:  # several runs: each one's tables under its name (one run: the page's title says it)
+            parts.append(f"<h2>{html.escape(name)}</h2><p>{html.escape(run['folder'])}</p>")
+        parts.append("<h3>Metrics</h3>"
+                     + table(METRIC_COLUMNS, [[m.get(c) for c in METRIC_COLUMNS] for m in run["rows"]], 3))
         pairs = [[r, p.get("prompt"), p.get("chosen"), p.get("rejected"), p.get("margin")]
                  for r, ps in run["pairs"].items() for p in ps]
         parts.append("<h3>Mined pairs (the first three of each round)</h3>"
-                     + table(["round", "prompt", "chosen", "rejected", "margin"], pairs))
+                     + table(["round", "prompt", "chosen", "rejected", "margin"], pairs, 3))
         examples = [[e.get("prompt"), mark(b.get("text"), e.get("base_oracle")), mark(e.get("response"), e.get("oracle"))]
                     for e, b in zip(run["examples"], run["base"])]
         parts.append("<h3>Held-out examples, base -> final</h3>" + table(["prompt", "base", "final"], examples))

@@ -73,6 +73,13 @@ def check(args):
         fail(f"--max-shard-size must be positive, got {args.max_shard_size}")
     if not 0 <= args.label_smoothing < 0.5 or args.min_margin < 0 or args.student_margin < 0:
         fail("need 0 <= --label-smoothing < 0.5, --min-margin >= 0 and --student-margin >= 0")
+    for name in ("rdpo_alpha", "length_penalty", "student_length_penalty"):
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.rdpo_alpha > 0 and args.loss_type != "sigmoid":
+        fail("--rdpo-alpha is a term of the sigmoid DPO loss; it does not apply to --loss-type ipo")
+    if args.length_penalty > 0 and args.teacher_judge:
+        fail("--length-penalty subtracts from the teacher's scores, and an LLM judge (--teacher-judge) gives none")
     missing = [n for n in ("student", "teacher", "prompts", "prompt_format") if getattr(args, n) is None]
     if args.policy is not None and missing:
         fail(f"with --policy, also give {', '.join('--' + m.replace('_', '-') for m in missing)}")

@@ -362,11 +362,12 @@ def reference_logprobs(lm, pairs, pad_id, batch_size=16, average=False):
 # ---- The three trainers --------------------------------------------------------------------------
 
 def train_dpo(lm, pairs, pad_id, tc, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_coef=0.0,
-              average=False, reference=None):
+              average=False, reference=None, rdpo_alpha=0.0):
     """DPO (Rafailov et al. 2023, eq. 7) on (prompt_ids, chosen_ids, rejected_ids) triples of the policy's own
     token ids; log-probs summed over the response tokens, or averaged (average=True, IPO's form). reference:
     precomputed (ref_chosen, ref_rejected) log-probs, or None for lm as it is now (the round-start policy).
-    With sft_coef > 0, adds that times losses.sft_loss of the chosen responses."""
+    With sft_coef > 0, adds that times losses.sft_loss of the chosen responses; rdpo_alpha > 0 is R-DPO's
+    length term, on the responses' token counts."""
     own_reference = reference is None
     ref_c, ref_r = reference_logprobs(lm, pairs, pad_id, 2 * tc.batch_size, average) if own_reference else reference
     device = _device(lm)
@@ -378,7 +379,8 @@ def train_dpo(lm, pairs, pad_id, tc, beta=0.1, loss_type="sigmoid", label_smooth
         B = len(idx)
         pi_c, pi_r = logp[:B], logp[B:]
         idx_t = torch.tensor(idx, device=device)
-        dpo, m = losses.dpo_loss(pi_c, pi_r, ref_c[idx_t], ref_r[idx_t], beta, loss_type, label_smoothing)
+        dpo, m = losses.dpo_loss(pi_c, pi_r, ref_c[idx_t], ref_r[idx_t], beta, loss_type, label_smoothing,
+                                 rdpo_alpha, n_tok[:B].float(), n_tok[B:].float())
         loss = dpo.mean()
         metrics = {"dpo_loss": loss.item(), **{k: float(v) for k, v in m.items()}}
         if sft_coef > 0:

@@ -78,11 +78,20 @@ def best_and_worst(scores, calls=0):
     return Ranked(b, w, (scores[b] - scores[w]).item(), calls)
 
 
-def student_ranks(student, prompts, pools):
-    """2. The student scores every candidate of every prompt, in one batched pass: a Ranked per prompt."""
+def length_penalised(scores, cands, length_penalty):
+    """A ranker's scores minus length_penalty x each response's token count (the policy's sampled ids, its
+    stop token included), as RLHFlow's len_penalty does before it picks a pair: longer must also be better."""
+    return scores - length_penalty * torch.tensor([len(c.ids) for c in cands], dtype=scores.dtype)
+
+
+def student_ranks(student, prompts, pools, length_penalty=0.0):
+    """2. The student scores every candidate of every prompt, in one batched pass (less length_penalty per
+    token, --student-length-penalty): a Ranked per prompt."""
     live = [i for i, c in enumerate(pools) if c is not None]
     flat = [(prompts[i], c) for i in live for c in pools[i]]
     scores = student.score([p for p, _ in flat], [c.text for _, c in flat], [c.finished for _, c in flat]) if flat else []
+    if flat and length_penalty:
+        scores = length_penalised(scores, [c for _, c in flat], length_penalty)
     out, at = [None] * len(pools), 0
     for i in live:
         out[i] = best_and_worst(scores[at:at + len(pools[i])])
@@ -90,14 +99,18 @@ def student_ranks(student, prompts, pools):
     return out
 
 
-def teacher_decides(teacher, prompts, pools, ranked):
+def teacher_decides(teacher, prompts, pools, ranked, length_penalty=0.0):
     """3. The teacher scores only the student's best and worst (2 calls), and its verdict orders them:
-    where it prefers the student's worst, the pair is reversed. The margin becomes the teacher's."""
+    where it prefers the student's worst, the pair is reversed. The margin becomes the teacher's (less
+    length_penalty per token the best is longer than the worst, --length-penalty)."""
     live = [i for i, r in enumerate(ranked) if r is not None and r.best != r.worst]
     out = list(ranked)
     if live:
-        m = teacher.margins([prompts[i] for i in live], [pools[i][ranked[i].best] for i in live],
-                            [pools[i][ranked[i].worst] for i in live])
+        firsts, seconds = [pools[i][ranked[i].best] for i in live], [pools[i][ranked[i].worst] for i in live]
+        m = teacher.margins([prompts[i] for i in live], firsts, seconds)
+        if length_penalty:  # (s_b - lambda |b|) - (s_w - lambda |w|)
+            longer = torch.tensor([len(b.ids) - len(w.ids) for b, w in zip(firsts, seconds)], dtype=m.dtype)
+            m = m - length_penalty * longer
         for i, mi in zip(live, m.tolist()):
             b, w = ranked[i].best, ranked[i].worst
             out[i] = Ranked(w, b, -mi, 2, overturned=True) if mi < 0 else Ranked(b, w, mi, 2)
@@ -172,14 +185,17 @@ def run_round(r, prompts, S, cfg, replay):
     pools = [candidates(g, repeats=cfg.selection == "teacher-all") for g in samples]
     clock.lap("sample")
     if cfg.selection == "teacher-all":  # the baseline: the teacher scores every candidate itself
-        ranked = spread(partial(teacher_ranks_all, S.teacher), prompts, pools, block=block)
+        ranked = spread(partial(teacher_ranks_all, S.teacher, length_penalty=cfg.length_penalty), prompts, pools,
+                        block=block)
         clock.lap("teacher_score")
     else:
         with train_loop.gathered(S.student.m):
-            ranked = spread(partial(student_ranks, S.student), prompts, pools, block=block)       # 2.
+            ranked = spread(partial(student_ranks, S.student, length_penalty=cfg.student_length_penalty),
+                            prompts, pools, block=block)                                          # 2.
         clock.lap("student_score")
         if cfg.selection == "ts-align":  # student-only, the other baseline, keeps the student's order
-            ranked = spread(partial(teacher_decides, S.teacher), prompts, pools, ranked, block=block)  # 3.
+            ranked = spread(partial(teacher_decides, S.teacher, length_penalty=cfg.length_penalty), prompts, pools,
+                            ranked, block=block)                                                  # 3.
             clock.lap("teacher_score")
     mined = keep_pairs(prompts, samples, pools, ranked, cfg.min_margin)                           # 4.
     trained = {}
@@ -206,11 +222,13 @@ class RoundConfig:
     sample_batch: int       # prompts per sampling batch, and per block of work under torchrun
     student_train: TrainConfig
     policy_train: TrainConfig
-    dpo: dict               # beta, loss_type, label_smoothing, sft_coef, average (train_loop.train_dpo)
+    dpo: dict               # beta, loss_type, label_smoothing, sft_coef, average, rdpo_alpha (train_loop.train_dpo)
     lora_rank: int = 0
     student_lora_rank: int = 0
     student_margin: float = 0.0
     reference_dir: str | None = None  # --reference sft: the original policy, the DPO reference every round
+    length_penalty: float = 0.0          # subtracted per response token from the teacher's scores
+    student_length_penalty: float = 0.0  # the same for the student's (its scores are in other units)
     seed: int = 0
 
 
@@ -223,16 +241,17 @@ def seed_for(seed, r, purpose, i=None):
 
 # ---- The baselines the paper compares with, and the pairs the teacher orders outside the rounds ----
 
-def teacher_ranks_all(teacher, prompts, pools):
-    """Teacher-all, instead of steps 2-3: the teacher scores every candidate (a reward model K calls; a
-    judge every ordering, K(K-1) calls, each win counting), and its best and worst form the pair."""
+def teacher_ranks_all(teacher, prompts, pools, length_penalty=0.0):
+    """Teacher-all, instead of steps 2-3: the teacher scores every candidate (a reward model K calls, less
+    length_penalty per token; a judge every ordering, K(K-1) calls, each win counting), and its best and
+    worst form the pair."""
     out = []
     for prompt, pool in zip(prompts, pools):
         if pool is None:
             out.append(None)
         elif not teacher.judge:
             s = teacher.score([prompt] * len(pool), [c.text for c in pool], [c.finished for c in pool])
-            out.append(best_and_worst(s, len(pool)))
+            out.append(best_and_worst(length_penalised(s, pool, length_penalty), len(pool)))
         else:
             out.append(best_and_worst(*teacher.tournament(prompt, [c.text for c in pool])))
     return out
@@ -340,6 +359,7 @@ def train(args):
         clock = evaluate.Clock()
         answers, metrics_of = held_out(S, cfg, r, base)
         m = {"round": r, **evaluate.pair_metrics(prompts, samples, mined, cfg.k, cfg.selection, S.teacher.judge, S.oracle),
+             "length_penalty": cfg.length_penalty, "student_length_penalty": cfg.student_length_penalty,
              **evaluate.train_metrics(trained), **metrics_of(agree), "seconds": {**seconds, "eval": clock.lap("eval")}}
         run.commit_round(args.out, r, partial(run.save_round, S, mined.pairs, answers, base, m))
         run.say(f"round {r}: {m['pairs']} pairs, teacher calls {m['teacher_calls']}, win rate vs base "
@@ -374,6 +394,9 @@ def build_parser():
     a("--label-smoothing", type=float, default=0.0, help="conservative DPO label smoothing in [0, 0.5)")
     a("--average-logprobs", action="store_true", help="average response log-probs per token (as IPO's authors do) instead of summing")
     a("--sft-coef", type=float, default=0.0, help="weight of an extra SFT term on the chosen responses")
+    a("--rdpo-alpha", type=float, default=0.0, help="R-DPO (Park et al. 2024): alpha of the length term alpha (|y_w| - |y_l|) inside DPO's sigmoid (0: off)")
+    a("--length-penalty", type=float, default=0.0, help="subtract this x the response's token count from the teacher's scores before the pair is ordered (0: off)")
+    a("--student-length-penalty", type=float, default=None, help="subtract this x the response's token count from the student's scores before it picks best and worst (default: 0.5 in the world, 0 otherwise)")
     a("--reference", choices=("round-start", "sft"), default="round-start", help="DPO reference: the round-start policy or the original SFT policy")
     a("--lr", type=float, default=None, help="policy learning rate")
     a("--epochs", type=int, default=None, help="DPO epochs over each round's pairs")
@@ -410,7 +433,7 @@ def build_parser():
 
 
 CHECKPOINT_DEFAULTS = dict(beta=0.1, prompts_per_round=256, eval_count=64, min_margin=0.0, max_new_tokens=256,
-                           lr=5e-7, epochs=1, batch_size=8, student_lr=1e-5, student_epochs=1)
+                           lr=5e-7, epochs=1, batch_size=8, student_lr=1e-5, student_epochs=1, student_length_penalty=0.0)
 
 
 def parse_args(argv):
@@ -448,9 +471,10 @@ def round_config(args, base_dir):
         student_train=TrainConfig(lr=args.student_lr, **{**train, "epochs": args.student_epochs}),
         policy_train=TrainConfig(lr=args.lr, **train),
         dpo=dict(beta=args.beta, loss_type=args.loss_type, label_smoothing=args.label_smoothing,
-                 sft_coef=args.sft_coef, average=args.average_logprobs),
+                 sft_coef=args.sft_coef, average=args.average_logprobs, rdpo_alpha=args.rdpo_alpha),
         lora_rank=args.lora_rank, student_lora_rank=args.student_lora_rank, student_margin=args.student_margin,
-        reference_dir=base_dir if args.reference == "sft" else None, seed=args.seed)
+        reference_dir=base_dir if args.reference == "sft" else None, length_penalty=args.length_penalty,
+        student_length_penalty=args.student_length_penalty, seed=args.seed)
 
 
 if __name__ == "__main__":

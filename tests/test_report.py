@@ -201,3 +201,73 @@ def test_report_command(two_rounds, tmp_path, capsys):
     tsalign.main(["--report", str(two_rounds), "-o", str(tmp_path / "r.html")])
     assert "wrote" in capsys.readouterr().out
     assert len(svgs((tmp_path / "r.html").read_text())) == len(report.CHARTS)
+
+
+# ---- How the page reads: round axis values, the base's line, the headline, tables, runs without colour ----
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def y_axis(svg):
+    """{label: y position} of a chart's y-axis labels (the right-aligned texts furthest left: left of the axis)."""
+    right = [t for t in svg.iter(SVG + "text") if t.get("text-anchor") == "end"]
+    x = min(float(t.get("x")) for t in right)
+    return {t.text: float(t.get("y")) - 4 for t in right if float(t.get("x")) == x}
+
+
+def test_axis_values_are_round():
+    assert report.ticks(0.465, 0.87)[1] == ["0.4", "0.5", "0.6", "0.7", "0.8", "0.9"]
+    assert report.ticks(0.88, 0.98)[1] == ["0.88", "0.90", "0.92", "0.94", "0.96", "0.98"]
+    assert report.ticks(0, 24576)[1] == ["0", "5k", "10k", "15k", "20k", "25k"]
+    assert report.ticks(5.5, 6.8)[1] == ["5.5", "6.0", "6.5", "7.0"]
+
+
+def test_charts_have_round_axis_values_and_a_dashed_line_at_half(two_rounds):
+    for title, svg in zip([t for t, _ in report.CHARTS], svgs((two_rounds / "report.html").read_text())):
+        if svg.find(SVG + "polyline") is None:
+            continue  # no data (this run has no oracle)
+        axis = y_axis(svg)
+        values = sorted(float(k[:-1]) * 1000 if k.endswith("k") else float(k) for k in axis)
+        steps = {round(b - a, 9) for a, b in zip(values, values[1:])}
+        assert len(steps) == 1 and 4 <= len(values) <= 7, (title, axis)  # evenly spaced, a few of them
+        step = steps.pop()
+        assert f"{step:.0e}"[0] in "125", (title, axis)  # 1, 2 or 5 x 10^k
+        assert all(abs(v / step - round(v / step)) < 1e-6 for v in values), (title, axis)
+        dashed = [ln for ln in svg.iter(SVG + "line") if ln.get("stroke-dasharray") == "5 4"]
+        if title.startswith("Win rate"):  # at the height of 0.5 on the chart's own axis
+            (lo, y_lo), (hi, y_hi) = [(float(k), y) for k, y in axis.items() if float(k) in (values[0], values[-1])]
+            assert len(dashed) == 1 and float(dashed[0].get("y1")) == pytest.approx(
+                y_lo + (0.5 - lo) / (hi - lo) * (y_hi - y_lo), abs=0.1)
+        else:
+            assert not dashed
+
+
+def test_headline_table_numbers_and_headings(two_rounds):
+    page = (two_rounds / "report.html").read_text()
+    rows = report.rows_of(metrics(two_rounds))
+    last = rows[-1]
+    want = (f"round 2: greedy win rate vs base {last['win_rate_vs_base']:.3f} ± {last['win_rate_stderr_vs_base']:.3f}; "
+            f"teacher calls {last['calls']:,} against {last['calls_bound']:,} scoring all K "
+            f"({last['calls'] / last['calls_bound']:.2f}); student-teacher agreement "
+            f"{rows[0]['student_teacher_agreement']:.3f} → {last['student_teacher_agreement']:.3f}")
+    assert f"<p class='headline'>{want}</p>" in page
+    assert page.index("headline") < page.index("<svg")  # at the top, before the charts
+    headings = re.findall(r"<h\d>(.*?)</h\d>", page)
+    assert not [(a, b) for a in headings for b in headings if a != b and a in b], headings  # nothing said twice
+    assert len(headings) == len(set(headings)), headings
+    metrics_table = page.split("<h3>Metrics</h3>")[1].split("</table>")[0]
+    cells = re.findall(r"<td>([^<]*)</td>", metrics_table)
+    floats = [c for c in cells if "." in c]
+    assert floats and all(re.fullmatch(r"-?\d+\.\d{3}", c) for c in floats), floats
+
+
+def test_runs_on_a_comparison_chart_differ_without_colour(two_rounds, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(FIXTURE, other)
+    page = open(report.compare([str(two_rounds), str(other), str(two_rounds)], str(tmp_path / "c.html"))).read()
+    for svg in svgs(page):  # each chart: a series per run, whose line and legend marker differ from the others'
+        dashes = [p.get("stroke-dasharray") for p in svg.iter(SVG + "polyline")]
+        if not dashes:
+            continue  # no data (these runs have no oracle)
+        markers = [c.get("fill") == "white" for c in svg.iter(SVG + "circle") if c.find(SVG + "title") is None]
+        assert len(dashes) == len(markers) == 3 and len(set(zip(dashes, markers))) == 3, (dashes, markers)
