@@ -81,9 +81,12 @@ def points(svg):
             bars.setdefault((line.get("x1"), line.get("stroke")), []).append(ends)
     out = []
     for c in svg.iter(SVG + "circle"):
+        if c.find(SVG + "title") is None:  # a legend's marker, not a point
+            continue
         value, err = re.fullmatch(r".*, round \d+: (\S+)(?: ± (\S+))?", c.find(SVG + "title").text).groups()
         cy = float(c.get("cy"))
-        bar = min(bars.get((c.get("cx"), c.get("fill")), []), key=lambda b: abs((b[0] + b[1]) / 2 - cy), default=None)
+        bar = min(bars.get((c.get("cx"), c.get("stroke")), []), key=lambda b: abs((b[0] + b[1]) / 2 - cy),
+                  default=None)
         out.append((float(value), float(err or 0), float(c.get("cx")), cy, bar))
     return out
 
@@ -92,8 +95,10 @@ def check_geometry(svg):
     """Where the points are drawn: a larger value higher up (a smaller y), every point on the one linear scale
     that the y axis's labels give, and each error bar one stderr above and below its point."""
     pts = points(svg)
+    right_aligned = [t for t in svg.iter(SVG + "text") if t.get("text-anchor") == "end"]
+    axis_x = min((float(t.get("x")) for t in right_aligned), default=None)  # the y axis's labels: leftmost
     ticks = [(float(t.text[:-1]) * 1000 if t.text.endswith("k") else float(t.text), float(t.get("y")) - 4)
-             for t in svg.iter(SVG + "text") if t.get("text-anchor") == "end"]  # the y axis's labels
+             for t in right_aligned if float(t.get("x")) == axis_x]
     if not pts:
         return
     (v0, y0), (v1, y1) = ticks[0], ticks[-1]
