@@ -160,6 +160,51 @@ def pad(seqs, pad_id, side="right"):
     return ids, mask
 
 
+# ---- Packed batches: rows that share a prefix compute it once ------------------------------------
+
+def common_prefix(rows):
+    """How many leading tokens all rows (int lists) share."""
+    n = min(len(r) for r in rows)
+    return next((j for j in range(n) if any(r[j] != rows[0][j] for r in rows)), n)
+
+
+def pack(rows, pad_id, groups=None, side="right"):
+    """Rows (int lists) in a (B, T) batch where rows that share a prefix compute it once: the rows whose key
+    in `groups` is equal (e.g. the K responses of one prompt; None: every row alone) fill one batch row with
+    their longest common prefix (branch 0), then each row's remaining tokens as its own branch (1, 2, ...).
+    A causal model given the branches (model.visible) computes each row exactly as it computes it alone.
+
+    Returns a dict of (B, T) long tensors input_ids, attention_mask and branch, and index (N, T_max): for
+    each row, in the given order, the flat indices (into B*T) of its tokens, -1 past its end."""
+    keys = range(len(rows)) if groups is None else groups
+    members = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    packed, branches, cols = [], [], [None] * len(rows)
+    for unit in members.values():
+        n = common_prefix([rows[i] for i in unit])
+        seq, br = list(rows[unit[0]][:n]), [0] * n
+        for g, i in enumerate(unit, start=1):
+            rest = list(rows[i][n:])
+            cols[i] = (len(packed), list(range(n)) + list(range(len(seq), len(seq) + len(rest))))
+            seq, br = seq + rest, br + [g] * len(rest)
+        packed.append(seq)
+        branches.append(br)
+    input_ids, attention_mask = pad(packed, pad_id, side)  # (B, T)
+    branch, _ = pad(branches, 0, side)                     # (B, T): same lengths, so it lines up
+    B, T = input_ids.shape
+    index = torch.full((len(rows), max(len(r) for r in rows)), -1, dtype=torch.long)  # (N, T_max)
+    for i, (b, c) in enumerate(cols):
+        shift = 0 if side == "right" else T - len(packed[b])
+        index[i, :len(c)] = b * T + shift + torch.tensor(c, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "branch": branch, "index": index}
+
+
+def last_index(batch, rows):
+    """The flat index of each row's last token in a packed batch, (N,)."""
+    return batch["index"][torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
+
+
 # ---- Policy batches: the policy's own token ids --------------------------------------------------
 
 def policy_batch(prompts, responses, pad_id, side="right"):

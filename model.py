@@ -215,6 +215,12 @@ def visible(valid, branch, q_branch, T):
     return on_path & valid[:, None, :] & (k_slot <= q_slot)
 
 
+def shares_prefix(model):
+    """Whether model (perhaps inside DistributedDataParallel) computes a prefix shared by branches: our
+    decoders do, as their attention is causal; an encoder reads whole rows, and is given them."""
+    return isinstance(getattr(model, "module", model), (CausalLM, RewardModel))
+
+
 def sdpa_mask(see, dtype, pos=None, key_pos=None, window=None):
     """SDPA's additive mask (B, 1, T, S) from `visible`: 0 where a query sees a key, -inf elsewhere; with a
     window, no key `window` or more positions back (sliding-window attention, as Mistral and Qwen2 define

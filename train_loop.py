@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 import data
 import losses
+from model import shares_prefix
 
 
 @dataclass
@@ -356,11 +357,35 @@ def train_sft(lm, examples, pad_id, tc):
 
 
 @torch.no_grad()
-def reward_scores(rm, rows, pad_id, batch_size=64):
-    """Scores of many tokenised sequences, (N,) on the CPU, in batches."""
+def reward_scores(rm, rows, pad_id, batch_size=64, groups=None):
+    """Scores of many tokenised sequences, (N,) on the CPU, in batches of about batch_size rows, taken by
+    length so that padding stays small. groups: a key per row (e.g. its prompt); rows with equal keys are
+    packed to compute their common prefix once (data.pack), unless rm reads whole rows (an encoder)."""
     rm.eval()
-    out = []
-    for s in range(0, len(rows), batch_size):
-        ids, mask = data.pad(rows[s:s + batch_size], pad_id)
-        out.append(rm(ids.to(_device(rm)), mask.to(_device(rm))).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    share = shares_prefix(rm)
+    members = {}
+    for i, key in enumerate(groups if groups is not None and share else range(len(rows))):
+        members.setdefault(key, []).append(i)
+    units = sorted(members.values(), key=lambda u: _packed_length([rows[i] for i in u]))
+    out, device = torch.zeros(len(rows)), _device(rm)
+    start = 0
+    while start < len(units):  # whole groups, until the next would pass batch_size rows
+        end = start + 1
+        while end < len(units) and sum(map(len, units[start:end + 1])) <= batch_size:
+            end += 1
+        idx = [i for u in units[start:end] for i in u]
+        part = [rows[i] for i in idx]
+        if share:
+            b = data.pack(part, pad_id, [j for j, u in enumerate(units[start:end]) for _ in u])
+            r = rm(b["input_ids"].to(device), b["attention_mask"].to(device), branch=b["branch"].to(device),
+                   select=data.last_index(b, part).to(device))
+        else:
+            ids, mask = data.pad(part, pad_id)
+            r = rm(ids.to(device), mask.to(device))
+        out[idx] = r.float().cpu()
+        start = end
+    return out
+
+
+def _packed_length(rows):
+    return sum(map(len, rows)) - (len(rows) - 1) * data.common_prefix(rows)

@@ -7,10 +7,10 @@ import torch
 import data
 import losses
 import model
-from checkpoint import config_from_hf
+from checkpoint import config_from_hf, load_model
 from generate import generate
 import train_loop as TL
-from conftest import uncached_greedy
+from conftest import hf_load, make_checkpoint, uncached_greedy
 
 EOS = 2  # also the pad id below: the pitfall where a mask built from ids would hide the final EOS
 
@@ -168,3 +168,42 @@ def test_gradient_accumulation_equals_one_big_batch(monkeypatch):
     TL.train_reward(b, rows, EOS, quiet(lr=1e-2, batch_size=1, grad_accum=4, warmup=0.0))
     for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(x, y, atol=1e-7), n
+
+
+# -----------------------------------------------------------------------------
+# A prompt computed once: rows of one prompt packed together (data.pack) score and train as they do alone
+
+WINDOWED = dict(sliding_window=4)  # Mistral with a window shorter than the rows
+
+
+def shared_rows(seed=0):
+    """Rows (prompt + response) of 3 prompts with 1, 3 and 4 responses: of different lengths, one the start
+    of another, two identical; and each row's prompt index."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, 120, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [ids(6), ids(3), ids(9)]
+    a = ids(5)
+    responses = [[ids(4)], [ids(2), ids(7) + [EOS], ids(1)], [a, a[:3], a, ids(6)]]
+    rows = [p + r for p, rs in zip(prompts, responses) for r in rs]
+    keys = [i for i, rs in enumerate(responses) for _ in rs]
+    return rows, keys
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "mistral"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_shared_prompt_rewards_equal_each_row_alone(tmp_path, family, side):
+    d = make_checkpoint(tmp_path / "rm", family, reward=True, pad_token_id=EOS, **(WINDOWED if family == "mistral" else {}))
+    rm, hf = load_model(d), hf_load(d, reward=True)
+    hf.config.pad_token_id = None  # one row at a time: transformers then reads its last token, the EOS included
+    rows, keys = shared_rows()
+    with torch.no_grad():
+        b = data.pack(rows, EOS, keys, side)
+        assert b["input_ids"].shape[0] == 3 and (b["branch"].max(1).values.tolist() == [0, 3, 4])  # packed per prompt
+        packed = rm(b["input_ids"], b["attention_mask"], branch=b["branch"], select=data.last_index(b, rows))
+        order = [5, 2, 7, 1, 4, 3, 6, 0]  # the prompts' rows interleaved: grouping and putting back are tested
+        scored = torch.empty(len(rows))
+        scored[order] = TL.reward_scores(rm, [rows[i] for i in order], EOS, batch_size=4, groups=[keys[i] for i in order])
+        for i, row in enumerate(rows):
+            alone = rm(torch.tensor([row]))[0]
+            assert (packed[i] - alone).abs() <= 1e-5 and (scored[i] - alone).abs() <= 1e-5, i
+            assert (alone - hf(torch.tensor([row])).logits[0, 0]).abs() <= 1e-4, i
