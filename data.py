@@ -207,15 +207,27 @@ def last_index(batch, rows):
 
 # ---- Policy batches: the policy's own token ids --------------------------------------------------
 
-def policy_batch(prompts, responses, pad_id, side="right"):
-    """Batch prompt + response ids (lists of int lists, never re-tokenised) for the policy's log-probs: a
-    dict of (B, T) long tensors input_ids, attention_mask, and response_mask (1 exactly on the response)."""
+def policy_batch(prompts, responses, pad_id, side="right", groups=None):
+    """Batch prompt + response ids (lists of int lists, never re-tokenised) for the policy's log-probs: a dict
+    of (B, T) long tensors input_ids, attention_mask, and, for the N response tokens, predict (N,) the flat
+    index (into B*T) of the position that predicts each, target (N,) the token and row (N,) its row, and
+    n_tokens (R,) their number per row (a row's first token has nothing before it to predict it: not counted).
+
+    groups: None, one row per (prompt, response), with response_mask (B, T), 1 exactly on the response; or
+    a key per row, and rows with equal keys share their common prefix (pack; the batch then has a branch)."""
     assert len(prompts) == len(responses), f"{len(prompts)} prompts but {len(responses)} responses"
     rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    flags = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
-    input_ids, attention_mask = pad(rows, pad_id, side)  # (B, T), (B, T)
-    response_mask, _ = pad(flags, 0, side)  # (B, T); same lengths, so it lines up with input_ids
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    batch = pack(rows, pad_id, groups, side)
+    at = [(i, j) for i, (p, row) in enumerate(zip(prompts, rows)) for j in range(max(1, len(p)), len(row))]
+    i, j = torch.tensor([i for i, _ in at], dtype=torch.long), torch.tensor([j for _, j in at], dtype=torch.long)
+    batch.update(predict=batch["index"][i, j - 1], target=batch["input_ids"].flatten()[batch["index"][i, j]], row=i,
+                 n_tokens=torch.bincount(i, minlength=len(rows)))
+    del batch["index"]
+    if groups is None:
+        del batch["branch"]  # every row alone: a plain batch
+        flags = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
+        batch["response_mask"], _ = pad(flags, 0, side)  # (B, T); same lengths, so it lines up with input_ids
+    return batch
 
 
 # ---- Reward batches: each reward model formats and tokenises the text itself ---------------------
