@@ -154,7 +154,8 @@ def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
         if bool(done.all()) or t == max_new_tokens - 1:
             break
         live = live & ~done[grid.clamp(min=0)]
-        if 4 * int(live.sum()) <= 3 * live.numel():  # a quarter of the cells stopped: drop them
+        rows, columns = int(live.any(1).sum()), int(live.sum(1).max())
+        if 4 * rows * columns <= 3 * live.numel():  # the grid would lose a quarter of its cells: drop the stopped
             grid, live = _compact(cache, grid, live, max_new_tokens - 1 - t)
         step = torch.zeros_like(grid)
         step[live] = tokens[grid[live], t]
