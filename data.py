@@ -160,17 +160,74 @@ def pad(seqs, pad_id, side="right"):
     return ids, mask
 
 
+# ---- Packed batches: rows that share a prefix compute it once ------------------------------------
+
+def common_prefix(rows):
+    """How many leading tokens all rows (int lists) share."""
+    n = min(len(r) for r in rows)
+    return next((j for j in range(n) if any(r[j] != rows[0][j] for r in rows)), n)
+
+
+def pack(rows, pad_id, groups=None, side="right"):
+    """Rows (int lists) in a (B, T) batch where rows that share a prefix compute it once: the rows whose key
+    in `groups` is equal (e.g. the K responses of one prompt; None: every row alone) fill one batch row with
+    their longest common prefix (branch 0), then each row's remaining tokens as its own branch (1, 2, ...).
+    A causal model given the branches (model.visible) computes each row exactly as it computes it alone.
+
+    Returns a dict of (B, T) long tensors input_ids, attention_mask and branch, and index (N, T_max): for
+    each row, in the given order, the flat indices (into B*T) of its tokens, -1 past its end."""
+    keys = range(len(rows)) if groups is None else groups
+    members = {}
+    for i, key in enumerate(keys):
+        members.setdefault(key, []).append(i)
+    packed, branches, cols = [], [], [None] * len(rows)
+    for unit in members.values():
+        n = common_prefix([rows[i] for i in unit])
+        seq, br = list(rows[unit[0]][:n]), [0] * n
+        for g, i in enumerate(unit, start=1):
+            rest = list(rows[i][n:])
+            cols[i] = (len(packed), list(range(n)) + list(range(len(seq), len(seq) + len(rest))))
+            seq, br = seq + rest, br + [g] * len(rest)
+        packed.append(seq)
+        branches.append(br)
+    input_ids, attention_mask = pad(packed, pad_id, side)  # (B, T)
+    branch, _ = pad(branches, 0, side)                     # (B, T): same lengths, so it lines up
+    B, T = input_ids.shape
+    index = torch.full((len(rows), max(len(r) for r in rows)), -1, dtype=torch.long)  # (N, T_max)
+    for i, (b, c) in enumerate(cols):
+        shift = 0 if side == "right" else T - len(packed[b])
+        index[i, :len(c)] = b * T + shift + torch.tensor(c, dtype=torch.long)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "branch": branch, "index": index}
+
+
+def last_index(batch, rows):
+    """The flat index of each row's last token in a packed batch, (N,)."""
+    return batch["index"][torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
+
+
 # ---- Policy batches: the policy's own token ids --------------------------------------------------
 
-def policy_batch(prompts, responses, pad_id, side="right"):
-    """Batch prompt + response ids (lists of int lists, never re-tokenised) for the policy's log-probs: a
-    dict of (B, T) long tensors input_ids, attention_mask, and response_mask (1 exactly on the response)."""
+def policy_batch(prompts, responses, pad_id, side="right", groups=None):
+    """Batch prompt + response ids (lists of int lists, never re-tokenised) for the policy's log-probs: a dict
+    of (B, T) long tensors input_ids, attention_mask, and, for the N response tokens, predict (N,) the flat
+    index (into B*T) of the position that predicts each, target (N,) the token and row (N,) its row, and
+    n_tokens (R,) their number per row (a row's first token has nothing before it to predict it: not counted).
+
+    groups: None, one row per (prompt, response), with response_mask (B, T), 1 exactly on the response; or
+    a key per row, and rows with equal keys share their common prefix (pack; the batch then has a branch)."""
     assert len(prompts) == len(responses), f"{len(prompts)} prompts but {len(responses)} responses"
     rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
-    flags = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
-    input_ids, attention_mask = pad(rows, pad_id, side)  # (B, T), (B, T)
-    response_mask, _ = pad(flags, 0, side)  # (B, T); same lengths, so it lines up with input_ids
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
+    batch = pack(rows, pad_id, groups, side)
+    at = [(i, j) for i, (p, row) in enumerate(zip(prompts, rows)) for j in range(max(1, len(p)), len(row))]
+    i, j = torch.tensor([i for i, _ in at], dtype=torch.long), torch.tensor([j for _, j in at], dtype=torch.long)
+    batch.update(predict=batch["index"][i, j - 1], target=batch["input_ids"].flatten()[batch["index"][i, j]], row=i,
+                 n_tokens=torch.bincount(i, minlength=len(rows)))
+    del batch["index"]
+    if groups is None:
+        del batch["branch"]  # every row alone: a plain batch
+        flags = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
+        batch["response_mask"], _ = pad(flags, 0, side)  # (B, T); same lengths, so it lines up with input_ids
+    return batch
 
 
 # ---- Reward batches: each reward model formats and tokenises the text itself ---------------------

@@ -45,7 +45,8 @@ class Scorer:
         return data.reward_ids(self.tok, self.fmt, prompt, response, finished, self.eos)
 
     def score(self, prompts, responses, finished):  # reward of each (prompt, response text, finished), (N,)
-        return train_loop.reward_scores(self.m, [self.ids(*x) for x in zip(prompts, responses, finished)], self.pad)
+        rows = [self.ids(*x) for x in zip(prompts, responses, finished)]
+        return train_loop.reward_scores(self.m, rows, self.pad, groups=prompts)  # a prompt computed once
 
     def margins(self, prompts, firsts, seconds):
         """How much it prefers each first data.Sample over its second, (N,) on the CPU, 2 calls a pair: a reward
@@ -82,9 +83,10 @@ class Scorer:
         rows = [data.encode_prompt(self.tok, self.fmt, JUDGE_TEMPLATE.format(prompt=p, a=a, b=b))
                 for p, a, b in zip(prompts, first, second)]
         dev, out = next(self.m.parameters()).device, []
-        for s in range(0, len(rows), 16):
-            ids, mask = data.pad(rows[s:s + 16], self.pad, side="left")
-            probs = self.m(ids.to(dev), mask.to(dev))[:, -1].float().softmax(-1).cpu()  # (N, V)
+        for s in range(0, len(rows), 16):  # rows of one prompt share the ids they have in common (data.pack)
+            b = {k: v.to(dev) for k, v in data.pack(rows[s:s + 16], self.pad, prompts[s:s + 16]).items()}
+            last = data.last_index(b, rows[s:s + 16])
+            probs = self.m(b["input_ids"], b["attention_mask"], select=last, branch=b["branch"]).float().softmax(-1).cpu()
             pa, pb = probs[:, label_ids[0]], probs[:, label_ids[1]]
             out.append(torch.where(pa + pb < self.min_mass, torch.full_like(pa, float("nan")), pa / (pa + pb)))
         return torch.cat(out)

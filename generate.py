@@ -2,10 +2,13 @@
 Sampling from a causal LM: a small pipeline on the last position's logits, and a batched loop with a KV cache.
 
 `sample_token` turns logits into next tokens (temperature 0: argmax; else temperature, top-k, top-p, one
-draw). `generate` left-pads many prompts to one length, fills the KV cache in one prefill (for K samples,
-shared by the K rows of each prompt), then decodes a token a step for every row until all stopped.
+draw). `generate` left-pads many prompts to one length and fills the KV cache in one prefill, a row per
+prompt; its K samples then decode in that row as K branches that all read the prompt's keys and values
+(model.visible), a token a step. A sample that stops leaves: the next steps compute only the samples still
+running, and now and then the cache drops the stopped ones' slots, and the rows whose samples all stopped.
 
-Shapes: B batch, V vocab, K samples per prompt, N = B * K rows after the prefill.
+Shapes: P prompts, K samples per prompt, N = P * K samples, V vocab; the decoding grid is (rows, columns):
+a row per prompt still running, a column per sample.
 """
 import torch
 
@@ -98,7 +101,7 @@ def _check_sampling(prompts, max_new_tokens, temperature, top_k, top_p, num_samp
                          f"context of {max_positions} positions")
 
 
-# ---- The loop: prefill once, then one token per step for every row -------------------------------
+# ---- The loop: prefill once, then one token per step for every row still running -----------------
 
 @torch.no_grad()
 def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
@@ -111,7 +114,8 @@ def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
     (e.g. lm.config.stop_token_ids) or None (never stop).
 
     generator: one torch.Generator for the batch, or one CPU generator per prompt, whose random numbers are
-    drawn up front: a prompt's samples then do not depend on the batch (or process) it lands in."""
+    drawn up front: a prompt's samples then do not depend on the batch (or process) it lands in, nor on
+    when the samples beside them stop."""
     cfg = lm.config
     _check_sampling(prompts, max_new_tokens, temperature, top_k, top_p, num_samples, cfg.max_positions)
     per_prompt = isinstance(generator, (list, tuple))
@@ -119,36 +123,58 @@ def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
         raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts; give one per prompt")
     stops = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).reshape(-1)  # (n_stops,)
     device = next(lm.parameters()).device
-    # Left-pad the prompts to one length, so every row's next token lands in the same cache slot.
+    P, K = len(prompts), num_samples
+    # Left-pad the prompts to one length: the prefill, one row per prompt, its last slot each prompt's end.
     Tp = max(len(p) for p in prompts)
-    ids = torch.zeros(len(prompts), Tp, dtype=torch.long)
-    mask = torch.zeros(len(prompts), Tp, dtype=torch.long)
+    ids = torch.zeros(P, Tp, dtype=torch.long)
+    mask = torch.zeros(P, Tp, dtype=torch.long)
     for i, p in enumerate(prompts):
         ids[i, Tp - len(p):] = torch.tensor(p)
         mask[i, Tp - len(p):] = 1
     ids, mask, stops = ids.to(device), mask.to(device), stops.to(device)
-    cache = KVCache(cfg, len(prompts), Tp + (max_new_tokens if num_samples == 1 else 0), device,
-                    next(lm.parameters()).dtype)
-    logits = lm(ids, mask, select="last", cache=cache)  # (B, V): the output layer on the last slot only
-    if num_samples > 1:  # one prefill per prompt, shared by its K rows
-        cache.share_prefix(num_samples, max_new_tokens)
-        logits = logits.repeat_interleave(num_samples, 0)
-    N = logits.shape[0]
-    tokens = torch.zeros(N, max_new_tokens, dtype=torch.long, device=device)
-    length = torch.zeros(N, dtype=torch.long, device=device)  # new tokens kept per row
-    done = torch.zeros(N, dtype=torch.bool, device=device)
-    ones = torch.ones(N, 1, dtype=torch.long, device=device)
+    # A prompt's row then holds its K samples as branches 1..K: each step adds one slot per sample.
+    cache = KVCache(cfg, P, Tp + (max_new_tokens - 1) * K, device, next(lm.parameters()).dtype)
+    logits = lm(ids, mask, select="last", cache=cache)  # (P, V): the output layer on the last slot only
+    grid = torch.arange(P * K, device=device).view(P, K)  # (rows, columns): the sample each cell decodes, -1: none
+    logits = logits.repeat_interleave(K, 0)               # (N, V): the K samples of a prompt start alike
+    tokens = torch.zeros(P * K, max_new_tokens, dtype=torch.long, device=device)
+    length = torch.zeros(P * K, dtype=torch.long, device=device)  # new tokens kept per sample
+    done = torch.zeros(P * K, dtype=torch.bool, device=device)
     u = None
     if per_prompt and temperature > 0:  # (N, max_new_tokens, n): row i*K+k is sample k of prompt i
         n = random_numbers(top_p)
-        u = 1.0 - torch.cat([torch.rand(num_samples, max_new_tokens, n, generator=g) for g in generator]).to(device)
+        u = 1.0 - torch.cat([torch.rand(K, max_new_tokens, n, generator=g) for g in generator]).to(device)
+    live = torch.ones(P, K, dtype=torch.bool, device=device)  # (rows, columns): cells still decoding
     for t in range(max_new_tokens):
-        nxt = sample_token(logits, temperature, top_k, top_p, generator, None if u is None else u[:, t])  # (N,)
-        tokens[:, t] = nxt
-        length += (~done).long()
-        done |= torch.isin(nxt, stops)
+        running = grid[live]                                   # (n,): the samples decoding, in cell order
+        nxt = sample_token(logits, temperature, top_k, top_p, generator, None if u is None else u[running, t])  # (n,)
+        tokens[running, t] = nxt
+        length[running] += 1
+        done[running] = torch.isin(nxt, stops)
         if bool(done.all()) or t == max_new_tokens - 1:
             break
-        logits = lm(nxt[:, None], ones, select="last", cache=cache)  # (N, V)
+        live = live & ~done[grid.clamp(min=0)]
+        rows, columns = int(live.any(1).sum()), int(live.sum(1).max())
+        if 4 * rows * columns <= 3 * live.numel():  # the grid would lose a quarter of its cells: drop the stopped
+            grid, live = _compact(cache, grid, live, max_new_tokens - 1 - t)
+        step = torch.zeros_like(grid)
+        step[live] = tokens[grid[live], t]
+        branch = torch.arange(1, grid.shape[1] + 1, device=device).expand_as(grid)
+        logits = lm(step, live.long(), select=live, cache=cache, branch=branch)  # (n', V): live cells only
     length = length.tolist()
-    return [tokens[i, :length[i]].tolist() for i in range(N)]
+    return [tokens[i, :length[i]].tolist() for i in range(P * K)]
+
+
+def _compact(cache, grid, live, steps):
+    """Drop the rows whose samples all stopped (their prompt with them), and in the others the stopped
+    samples' cells and slots; the live samples of a row move left, keeping their order. steps: the decoding
+    steps left, each of which needs a slot per column."""
+    rows = live.any(1).nonzero().squeeze(1)                  # (P',)
+    grid, live = grid[rows], live[rows]
+    col = live.long().cumsum(1) - 1                          # (P', G): each live cell's new column
+    G = int(live.sum(1).max())
+    new_branch = torch.where(live, col + 1, -1)              # old branch c+1 -> new branch, -1: dropped
+    cache.keep(rows, torch.cat([torch.zeros_like(rows)[:, None], new_branch], 1), steps * G)
+    new_grid = torch.full((len(rows), G), -1, dtype=grid.dtype, device=grid.device)
+    new_grid[live.nonzero()[:, 0], col[live]] = grid[live]
+    return new_grid, new_grid >= 0

@@ -7,11 +7,13 @@ Five families share one code path, told apart by a few switches in `ModelConfig`
   Qwen3:         the same, plus an RMSNorm on each head of q and k (before RoPE)
   GPT-2:         LayerNorm, learned positions, GELU MLP (its fused q/k/v is split on load)
 A causal LM (`CausalLM`) ends in the output layer, a reward model (`RewardModel`) in a scalar head read at
-the last real token. Positions come from the attention mask, so a left-padded row gives exactly what the
-sequence gives alone. The KV cache serves generate.py; checkpoint.py loads and saves; LoRA is at the end.
+the last real token. A batch row may hold a prompt shared by G continuations ("branches", see `visible`),
+computed once and read by all; positions count the real tokens on a token's path, so a padded or shared row
+gives exactly what the sequence gives alone, and the projections and MLP see real tokens only. The KV cache
+serves generate.py; checkpoint.py loads and saves; LoRA is at the end.
 
-Shapes: B batch, T time (new tokens this call), S cache slots (keys), H query heads,
-Hkv key/value heads, D head dim, C model dim, V vocab, K samples per prompt.
+Shapes: B batch, T time (new tokens this call), S cache slots (keys), H query heads, Hkv key/value heads,
+D head dim, C model dim, V vocab, K samples per prompt, M real tokens of a batch, G branches of a row.
 """
 import math
 from dataclasses import dataclass, field, replace
@@ -137,11 +139,16 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(D, cfg.norm_eps)
             self.k_norm = RMSNorm(D, cfg.norm_eps)
 
-    def forward(self, x, rope, mask, cache=None, layer=0):
+    def forward(self, x, rope, mask, grid, cache=None, layer=0):
+        """x (M, C): the real tokens of a (B, T) grid, flattened; grid (B, T, where) puts them back in place for
+        attention (where: their flat indices, None when every slot is real). The projections see real tokens only."""
         cfg = self.cfg
-        B, T, _ = x.shape
+        B, T, where = grid
         H, Hkv = cfg.n_head, cfg.n_kv_head
-        qkv = self.qkv(x).view(B, T, H + 2 * Hkv, cfg.head_dim)  # (B, T, H + 2 Hkv, D): q, k, v heads side by side
+        qkv = self.qkv(x)                                        # (M, (H + 2 Hkv) D)
+        if where is not None:                                    # padding slots get zeros (masked out below)
+            qkv = qkv.new_zeros(B * T, qkv.shape[1]).index_copy(0, where, qkv)
+        qkv = qkv.view(B, T, H + 2 * Hkv, cfg.head_dim)          # (B, T, H + 2 Hkv, D): q, k, v heads side by side
         if cfg.qk_norm:
             qk = torch.cat([self.q_norm(qkv[:, :, :H]), self.k_norm(qkv[:, :, H:H + Hkv])], 2)  # (B, T, H + Hkv, D)
         else:
@@ -149,16 +156,13 @@ class Attention(nn.Module):
         if rope is not None:
             qk = apply_rope(qk, *rope)  # q and k rotated in one go
         q, k, v = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2), qkv[:, :, H + Hkv:].transpose(1, 2)
-        if cache is not None and cache.prefix is not None:  # K samples of each prompt: see KVCache
-            y = cache.attend(layer, q, k, v, self.window)
-        else:
-            if cache is not None:
-                k, v = cache.write(layer, k, v)  # (B, Hkv, S, D): every slot filled so far
-            # enable_gqa lets each group of H/Hkv query heads read its key/value head without copying it.
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=cfg.n_kv_head != cfg.n_head)
-        y = y.transpose(1, 2).reshape(B, T, cfg.n_head * cfg.head_dim)  # (B, T, H*D)
-        return self.o(y)
+        if cache is not None:
+            k, v = cache.write(layer, k, v)  # (B, Hkv, S, D): every slot filled so far
+        # enable_gqa lets each group of H/Hkv query heads read its key/value head without copying it.
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=cfg.n_kv_head != cfg.n_head)  # (B, H, T, D)
+        y = y.transpose(1, 2).reshape(B * T, cfg.n_head * cfg.head_dim)  # (B*T, H*D)
+        return self.o(y if where is None else y[where])  # (M, C)
 
 
 class MLP(nn.Module):
@@ -190,29 +194,59 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg, cfg.n_embd)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, rope, mask, cache=None, layer=0):
-        x = x + self.attn(self.attn_norm(x), rope, mask, cache, layer)
+    def forward(self, x, rope, mask, grid, cache=None, layer=0):
+        x = x + self.attn(self.attn_norm(x), rope, mask, grid, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
-# ---- The decoder, the two heads, and the KV cache ------------------------------------------------
+# ---- Which keys a token sees: a prompt shared by G branches ------------------------------------
+# A batch row holds one sequence, or a prompt and G continuations of it (the K samples of a prompt while
+# they are decoded, the K responses the student scores, a DPO pair): the prompt is branch 0, continuation g
+# is branch g, and each token sees the real tokens before it on its own path, the prompt and its own branch.
+# The prompt is then computed once and read by all G, and every continuation gets exactly what it gets
+# alone. G = 1 is a plain sequence. Every forward (prefill, decoding, scoring, training) goes this way.
+
+def visible(valid, branch, q_branch, T):
+    """Which of S key slots each of the last T query slots sees, (B, T, S) bool: real keys at or before its
+    own slot, in the shared prefix (branch 0) or in its own branch. valid, branch (B, S); q_branch (B, T)."""
+    S = valid.shape[1]
+    q_slot = torch.arange(S - T, S, device=valid.device)[:, None]  # (T, 1)
+    k_slot = torch.arange(S, device=valid.device)[None, :]         # (1, S)
+    on_path = (branch[:, None, :] == 0) | (branch[:, None, :] == q_branch[:, :, None])  # (B, T, S)
+    return on_path & valid[:, None, :] & (k_slot <= q_slot)
+
+
+def shares_prefix(model):
+    """Whether model (perhaps inside DistributedDataParallel) computes a prefix shared by branches: our
+    decoders do, as their attention is causal; an encoder reads whole rows, and is given them."""
+    return isinstance(getattr(model, "module", model), (CausalLM, RewardModel))
+
+
+def sdpa_mask(see, dtype, pos=None, key_pos=None, window=None):
+    """SDPA's additive mask (B, 1, T, S) from `visible`: 0 where a query sees a key, -inf elsewhere; with a
+    window, no key `window` or more positions back (sliding-window attention, as Mistral and Qwen2 define
+    it). A query always sees its own slot, so a padding query gets a harmless row instead of NaN. Built once
+    per forward, for all layers (SDPA would turn a bool mask into this in every layer)."""
+    B, T, S = see.shape
+    if window is not None:
+        see = see & ((pos[:, :, None] - key_pos[:, None, :]) < window)
+    see = see | (torch.arange(S, device=see.device) == torch.arange(S - T, S, device=see.device)[:, None])
+    return torch.zeros(B, 1, T, S, dtype=dtype, device=see.device).masked_fill_(~see[:, None], float("-inf"))
+
 
 class KVCache:
-    """Preallocated keys and values for every layer, (B, Hkv, S, D) each, written by slot index. All rows
-    share the slot index (prompts are left-padded to one length); `valid` marks the slots holding real
-    tokens, and `next_pos` is each row's next position (its count of real tokens so far).
-
-    For K samples of each prompt, `share_prefix` keeps the prompts' keys and values once, as a prefix that
-    the K rows of a prompt all read, and gives every row fresh slots for its own new tokens: the prompt is
-    stored and read once instead of K times (most of what attention reads, when prompts are long)."""
+    """Preallocated keys and values for every layer, (B, Hkv, S, D) each: a forward of T tokens writes the next
+    T slots of every row. Each slot also records whether it holds a real token, its branch and its position,
+    so a row may hold a prompt (branch 0) and the samples that continue it, a block of one slot per sample
+    each step (see `visible`). `keep` drops finished rows and branches: stopped samples cost nothing."""
 
     def __init__(self, cfg, B, S, device, dtype):
         self.k = [torch.zeros(B, cfg.n_kv_head, S, cfg.head_dim, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
         self.v = [torch.zeros_like(k) for k in self.k]
         self.valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # (B, S)
-        self.next_pos = torch.zeros(B, dtype=torch.long, device=device)  # (B,)
-        self.filled = 0      # slots written so far (the same for every row)
-        self.prefix = None   # after share_prefix: the prompts' (keys, values) per layer and their valid slots
+        self.branch = torch.zeros(B, S, dtype=torch.long, device=device)  # (B, S)
+        self.pos = torch.zeros(B, S, dtype=torch.long, device=device)     # (B, S)
+        self.filled = 0  # slots written so far (the same for every row)
 
     def write(self, layer, k, v):
         """Store this step's keys and values (B, Hkv, T, D); return every row's slots filled so far."""
@@ -221,61 +255,30 @@ class KVCache:
         self.v[layer].narrow(2, self.filled, T).copy_(v)
         return self.k[layer].narrow(2, 0, self.filled + T), self.v[layer].narrow(2, 0, self.filled + T)
 
-    def share_prefix(self, K, S):
-        """After the prefill of B prompts: they become the shared prefix of B * K rows (prompt b's samples are
-        rows b*K .. b*K+K-1), each with S fresh slots."""
-        B, Hkv, _, D = self.k[0].shape
-        self.prefix = ([k.narrow(2, 0, self.filled) for k in self.k], [v.narrow(2, 0, self.filled) for v in self.v],
-                       self.valid[:, :self.filled], K)
-        self.k = [k.new_zeros(B * K, Hkv, S, D) for k in self.k]
-        self.v = [torch.zeros_like(k) for k in self.k]
-        self.valid = self.valid.new_zeros(B * K, S)
-        self.next_pos = self.next_pos.repeat_interleave(K, 0)
-        self.filled = 0
-
-    def attend(self, layer, q, k, v, window=None):
-        """Attention of q (N, H, 1, D) over the shared prefix and each row's own keys: one softmax over both.
-        The K rows of a prompt read its prefix as K groups of query heads, so the prefix is never copied.
-        window: a sliding window (no key `window` or more positions back), or None."""
-        k, v = self.write(layer, k, v)                                    # (N, Hkv, t, D): the rows' own
-        k_pre, v_pre, valid_pre, K = self.prefix[0][layer], self.prefix[1][layer], self.prefix[2], self.prefix[3]
-        N, H, _, D = q.shape
-        B, Hkv, Tp, _ = k_pre.shape
-        G = H // Hkv                                                      # query heads per key/value head
-        q = q.reshape(N, Hkv, G, D) * D ** -0.5
-        by_prompt = q.view(B, K, Hkv, G, D).transpose(1, 2).reshape(B, Hkv, K * G, D)
-        s_pre = (by_prompt @ k_pre.transpose(2, 3)).masked_fill(~valid_pre[:, None, None], float("-inf"))
-        s_pre = s_pre.view(B, Hkv, K, G, Tp).transpose(1, 2).reshape(N, Hkv, G, Tp)  # (N, Hkv, G, Tp)
-        s_new = q @ k.transpose(2, 3)                                     # (N, Hkv, G, t)
-        if window is not None:  # positions: the query's, the prompt's keys', then the row's own keys'
-            q_pos = self.next_pos[:, None] - 1                            # (N, 1)
-            pre_pos = (valid_pre.long().cumsum(1) - 1).repeat_interleave(K, 0)                # (N, Tp)
-            new_pos = valid_pre.sum(1).repeat_interleave(K)[:, None] + torch.arange(k.shape[2], device=q.device)
-            s_pre = s_pre.masked_fill((q_pos - pre_pos >= window)[:, None, None], float("-inf"))
-            s_new = s_new.masked_fill((q_pos - new_pos >= window)[:, None, None], float("-inf"))
-        p = torch.cat([s_pre, s_new], -1).softmax(-1)                     # (N, Hkv, G, Tp + t)
-        p_pre = p[..., :Tp].reshape(B, K, Hkv, G, Tp).transpose(1, 2).reshape(B, Hkv, K * G, Tp)
-        y_pre = (p_pre @ v_pre).view(B, Hkv, K, G, D).transpose(1, 2).reshape(N, Hkv, G, D)
-        return (y_pre + p[..., Tp:] @ v).reshape(N, H, 1, D)
+    def keep(self, rows, branches, room):
+        """Keep only rows (B',) and, in each, the branches still decoding: branches (B', n) maps each old
+        branch to its new number (branch 0, the prompt, to 0), or to -1 to drop its slots. The kept slots are
+        copied together, in order, with `room` free slots after them: a copy of what is live, so the caller
+        does it now and then, not at every stop."""
+        f = self.filled
+        new_branch = branches.gather(1, self.branch[rows, :f])                     # (B', f)
+        keep = self.valid[rows, :f] & (new_branch >= 0)                             # (B', f)
+        n = keep.sum(1)                                                             # (B',)
+        S = int(n.max())
+        slots = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)[:, :S]  # (B', S): kept slots first
+        real = torch.arange(S, device=n.device) < n[:, None]                        # (B', S)
+        for i in range(len(self.k)):
+            for kv in (self.k, self.v):
+                old = kv[i][rows[:, None], :, slots]                                # (B', S, Hkv, D)
+                kv[i] = old.new_zeros(len(rows), old.shape[2], S + room, old.shape[3])
+                kv[i][:, :, :S] = old.transpose(1, 2)
+        self.valid = F.pad(real, (0, room))
+        self.branch = F.pad(new_branch.gather(1, slots).clamp(min=0) * real, (0, room))
+        self.pos = F.pad(self.pos[rows, :f].gather(1, slots) * real, (0, room))
+        self.filled = S
 
 
-def attention_mask_4d(valid, T):
-    """Which key slots each of the last T query slots may attend to, (B, 1, T, S) bool: real keys at or
-    before its own slot, and always itself, so a padding query gets a harmless row instead of NaN."""
-    B, S = valid.shape
-    q_slot = torch.arange(S - T, S, device=valid.device)[:, None]  # (T, 1)
-    k_slot = torch.arange(S, device=valid.device)[None, :]         # (1, S)
-    causal = k_slot <= q_slot                                      # (T, S)
-    return ((causal & valid[:, None, :]) | (k_slot == q_slot))[:, None]  # (B, 1, T, S)
-
-
-def window_mask(valid, pos, T, window):
-    """attention_mask_4d, and no key `window` or more positions before the query (sliding-window attention,
-    as Mistral and Qwen2 define it). Positions count real tokens, so left padding changes nothing."""
-    key_pos = valid.long().cumsum(1) - 1                     # (B, S)
-    near = (pos[:, :, None] - key_pos[:, None, :]) < window  # (B, T, S)
-    return attention_mask_4d(valid, T) & near[:, None]       # (B, 1, T, S)
-
+# ---- The decoder and its two heads ---------------------------------------------------------------
 
 class Decoder(nn.Module):
     """Token ids -> final hidden states (B, T, C)."""
@@ -289,34 +292,50 @@ class Decoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, (cfg.windows or [None] * cfg.n_layer)[i]) for i in range(cfg.n_layer))
         self.norm = make_norm(cfg, cfg.n_embd)
 
-    def forward(self, input_ids, attention_mask=None, cache=None):
+    def forward(self, input_ids, attention_mask=None, cache=None, branch=None):
+        """attention_mask (B, T): 1 on real tokens (left or right padding); branch (B, T): each token's branch
+        (see `visible`; None: a plain sequence per row); cache: a KVCache to extend."""
         B, T = input_ids.shape
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        real = attention_mask.bool()  # (B, T)
-        if cache is None:
-            valid = real
-            pos = (real.long().cumsum(1) - 1).clamp(min=0)  # (B, T): positions count real tokens only
-        else:
-            cache.valid[:, cache.filled:cache.filled + T] = real
-            valid = cache.valid[:, :cache.filled + T]  # (B, S)
-            pos = cache.next_pos[:, None] + (real.long().cumsum(1) - 1).clamp(min=0)
-            cache.next_pos += real.long().sum(1)
-        x = self.tok_emb(input_ids)  # (B, T, C)
+        real = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        plain = branch is None and (cache is None or cache.filled == 0) and bool(real.all())
+        if branch is None:
+            branch = torch.zeros_like(input_ids)
+        valid, branches = real, branch                                    # (B, S) with S = T, without a cache
+        if cache is not None:
+            f = cache.filled
+            cache.valid[:, f:f + T], cache.branch[:, f:f + T] = real, branch
+            valid, branches = cache.valid[:, :f + T], cache.branch[:, :f + T]  # (B, S)
+        windows = set(self.cfg.windows or ()) - {None}
+        see = None if plain and not windows else visible(valid, branches, branch, T)  # (B, T, S)
+        if plain:  # one sequence per row, all real: positions 0..T-1, and SDPA's own causal kernel needs no mask
+            pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        else:      # positions count the real tokens on a token's path, so padding and sharing change nothing
+            pos = (see.sum(-1) - 1).clamp(min=0)                          # (B, T)
+        key_pos = pos
+        if cache is not None:
+            cache.pos[:, f:f + T] = pos
+            key_pos = cache.pos[:, :f + T]
+        dtype = self.tok_emb.weight.dtype
+        full = plain or (T == 1 and bool(see.all()))  # a decode step that sees every slot needs no mask either
+        masks = {None: None if full else sdpa_mask(see, dtype)}  # by window (None: no sliding window)
+        masks.update({w: sdpa_mask(see, dtype, pos, key_pos, w) for w in windows})
+        where = None if bool(real.all()) else real.flatten().nonzero().squeeze(1)  # (M,): the real tokens
+        ids, pos_real = input_ids.flatten(), pos.flatten()
+        if where is not None:
+            ids, pos_real = ids[where], pos_real[where]
+        x = self.tok_emb(ids)  # (M, C)
         if self.cfg.gpt2:
-            x, rope = x + self.pos_emb(pos), None
+            x, rope = x + self.pos_emb(pos_real), None
         else:
-            rope = rope_cos_sin(self.cfg, pos, x.dtype)
-        # With no padding (one sequence, or one being decoded), SDPA's own causal kernel needs no mask.
-        full = bool(valid.all()) and (cache is None or cache.filled == 0 or T == 1)
-        masks = {None: None if full else attention_mask_4d(valid, T)}  # by window (None: no sliding window)
-        if cache is None or cache.prefix is None:  # (with a shared prefix, KVCache.attend applies windows itself)
-            masks.update({w: window_mask(valid, pos, T, w) for w in set(self.cfg.windows or ()) - {None}})
+            rope = rope_cos_sin(self.cfg, pos, dtype)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope, masks.get(block.attn.window), cache, i)
+            x = block(x, rope, masks.get(block.attn.window), (B, T, where), cache, i)
         if cache is not None:
             cache.filled += T
-        return self.norm(x)
+        x = self.norm(x)  # (M, C)
+        if where is not None:
+            x = x.new_zeros(B * T, x.shape[1]).index_copy(0, where, x)
+        return x.view(B, T, -1)  # (B, T, C), zeros at padding
 
 
 class CausalLM(nn.Module):
@@ -333,18 +352,23 @@ class CausalLM(nn.Module):
         if self.config.tie_embeddings:
             self.lm_head.weight = self.decoder.tok_emb.weight
 
-    def hidden_states(self, input_ids, attention_mask=None):
-        return self.decoder(input_ids, attention_mask)  # (B, T, C)
+    def hidden_states(self, input_ids, attention_mask=None, branch=None):
+        return self.decoder(input_ids, attention_mask, branch=branch)  # (B, T, C)
 
     def logits(self, hidden):
         return self.lm_head(hidden)  # (..., C) -> (..., V)
 
-    def forward(self, input_ids, attention_mask=None, select=None, cache=None):
-        """Logits (B, T, V); with select, a (B, T) bool mask, only at the selected positions, (N, V): the
-        output layer is the largest matmul of a small model, and training needs it only at response tokens;
-        select="last": the last position's, (B, V), what sampling needs. cache: a KVCache to extend."""
-        h = self.decoder(input_ids, attention_mask, cache)  # (B, T, C)
-        return self.logits(h if select is None else h[:, -1] if isinstance(select, str) else h[select])
+    def forward(self, input_ids, attention_mask=None, select=None, cache=None, branch=None):
+        """Logits (B, T, V); with select, only at the selected positions, (N, V): a (B, T) bool mask, or (N,)
+        flat indices into B*T (one position may be selected twice). The output layer is the largest matmul of
+        a small model, and training needs it only at response tokens; select="last": the last position's,
+        (B, V), what sampling needs. cache: a KVCache to extend; branch: see `visible`."""
+        h = self.decoder(input_ids, attention_mask, cache, branch)  # (B, T, C)
+        if select is None:
+            return self.logits(h)
+        if isinstance(select, str):
+            return self.logits(h[:, -1])
+        return self.logits(h[select] if select.dtype == torch.bool else h.flatten(0, 1)[select])
 
 
 class RewardModel(nn.Module):
@@ -356,10 +380,14 @@ class RewardModel(nn.Module):
         self.decoder = Decoder(cfg)
         self.score = Linear(cfg.n_embd, 1, bias=False)
 
-    def forward(self, input_ids, attention_mask=None):
+    def forward(self, input_ids, attention_mask=None, branch=None, select=None):
+        """select: (N,) flat indices into B*T of the tokens to read a reward at (rows packed with branches
+        end at several tokens); None: each row's last real token."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        h = self.decoder(input_ids, attention_mask)  # (B, T, C)
+        h = self.decoder(input_ids, attention_mask, branch=branch)  # (B, T, C)
+        if select is not None:
+            return self.score(h.flatten(0, 1)[select]).squeeze(-1)  # (N,)
         # The last real token comes from the mask, never from `ids != pad_id`: pad may equal EOS, and a
         # finished response ends in EOS. Works for left and right padding alike.
         T = input_ids.shape[1]

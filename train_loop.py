@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 import data
 import losses
+from model import shares_prefix
 
 
 @dataclass
@@ -323,31 +324,34 @@ def train(model, n_examples, loss_fn, tc):
 # ---- Log-probs of responses, with the output layer only where it is needed -----------------------
 
 def response_logprobs(lm, batch, average=False):
-    """losses.sequence_logprobs of each row's response, (B,), and its number of response tokens, (B,). The
-    output layer runs only on the N positions that predict a response token. lm: a CausalLM, or its
+    """log p(response | prompt) of each row (data.policy_batch), (R,) float32, summed over its response tokens
+    (losses.sequence_logprobs' rule) or with average=True their mean, and its number of response tokens, (R,).
+    The output layer runs only on the N positions that predict a response token. lm: a CausalLM, or its
     DistributedDataParallel wrapper (which must be called, not bypassed, to all-reduce the gradients)."""
-    ids, mask, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
-    sel = resp[:, 1:].bool()                                       # (B, T-1): position t predicts token t+1
-    predicts = torch.cat([sel, torch.zeros_like(sel[:, :1])], 1)  # (B, T): the same, on the input positions
-    logits = lm(ids, mask, select=predicts)                        # (N, V)
-    return losses.sequence_logprobs(logits, ids, resp, average), sel.sum(1)
+    logits = lm(batch["input_ids"], batch["attention_mask"], select=batch["predict"], branch=batch.get("branch"))  # (N, V)
+    logp = losses.token_logprobs(logits, batch["target"])                                                        # (N,)
+    n = batch["n_tokens"]
+    total = torch.zeros(len(n), device=logp.device, dtype=logp.dtype).index_add(0, batch["row"], logp)          # (R,)
+    return (total / n.clamp(min=1) if average else total), n
 
 
 def _device(model):
     return next(model.parameters()).device
 
 
-def _pair_batch(pairs, pad_id, device):
-    """Chosen rows then rejected rows of (prompt_ids, chosen_ids, rejected_ids) triples, one batch: (2B, T)."""
+def _pair_batch(pairs, pad_id, device, share=True):
+    """Chosen rows then rejected rows of (prompt_ids, chosen_ids, rejected_ids) triples, one batch of 2B rows;
+    with share, each pair packed in one row, its prompt computed once for both (data.pack)."""
     prompts = [p for p, _, _ in pairs] * 2
     responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
-    return {k: v.to(device) for k, v in data.policy_batch(prompts, responses, pad_id).items()}
+    groups = list(range(len(pairs))) * 2 if share else None
+    return {k: v.to(device) for k, v in data.policy_batch(prompts, responses, pad_id, groups=groups).items()}
 
 
 @torch.no_grad()
 def _pair_logprobs(lm, pad_id, average, pairs):
     lm.eval()
-    logp, _ = response_logprobs(lm, _pair_batch(pairs, pad_id, _device(lm)), average)
+    logp, _ = response_logprobs(lm, _pair_batch(pairs, pad_id, _device(lm), shares_prefix(lm)), average)
     return list(zip(logp[:len(pairs)].tolist(), logp[len(pairs):].tolist()))  # (chosen, rejected) per pair
 
 
@@ -369,13 +373,14 @@ def train_dpo(lm, pairs, pad_id, tc, beta=0.1, loss_type="sigmoid", label_smooth
     With sft_coef > 0, adds that times losses.sft_loss of the chosen responses; rdpo_alpha > 0 is R-DPO's
     length term, on the responses' token counts."""
     own_reference = reference is None
+    share = shares_prefix(lm)
     ref_c, ref_r = reference_logprobs(lm, pairs, pad_id, 2 * tc.batch_size, average) if own_reference else reference
     device = _device(lm)
     ref_c, ref_r = ref_c.to(device), ref_r.to(device)
     first = {}
 
     def loss_fn(net, idx):
-        logp, n_tok = response_logprobs(net, _pair_batch([pairs[i] for i in idx], pad_id, device), average)
+        logp, n_tok = response_logprobs(net, _pair_batch([pairs[i] for i in idx], pad_id, device, share), average)
         B = len(idx)
         pi_c, pi_r = logp[:B], logp[B:]
         idx_t = torch.tensor(idx, device=device)
@@ -400,13 +405,20 @@ def train_dpo(lm, pairs, pad_id, tc, beta=0.1, loss_type="sigmoid", label_smooth
 
 def train_reward(rm, pairs, pad_id, tc, margin=0.0):
     """The pairwise ranking loss (losses.ranking_loss) on pairs of (chosen_ids, rejected_ids), each
-    already formatted and tokenised for this reward model (data.reward_ids)."""
+    already formatted and tokenised for this reward model (data.reward_ids); the two rows of a pair packed
+    together, so their prompt is computed once (data.pack)."""
     device = _device(rm)
+    share = shares_prefix(rm)
 
     def loss_fn(net, idx):
         rows = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
-        ids, mask = data.pad(rows, pad_id)
-        r = net(ids.to(device), mask.to(device))  # (2B,)
+        if share:
+            b = data.pack(rows, pad_id, list(range(len(idx))) * 2)
+            r = net(b["input_ids"].to(device), b["attention_mask"].to(device), branch=b["branch"].to(device),
+                    select=data.last_index(b, rows).to(device))  # (2B,)
+        else:
+            ids, mask = data.pad(rows, pad_id)
+            r = net(ids.to(device), mask.to(device))  # (2B,)
         loss, m = losses.ranking_loss(r[:len(idx)], r[len(idx):], margin)
         return loss.mean(), {k: float(v) for k, v in m.items()}
 
@@ -426,11 +438,35 @@ def train_sft(lm, examples, pad_id, tc):
 
 
 @torch.no_grad()
-def reward_scores(rm, rows, pad_id, batch_size=64):
-    """Scores of many tokenised sequences, (N,) on the CPU, in batches."""
+def reward_scores(rm, rows, pad_id, batch_size=64, groups=None):
+    """Scores of many tokenised sequences, (N,) on the CPU, in batches of about batch_size rows, taken by
+    length so that padding stays small. groups: a key per row (e.g. its prompt); rows with equal keys are
+    packed to compute their common prefix once (data.pack), unless rm reads whole rows (an encoder)."""
     rm.eval()
-    out = []
-    for s in range(0, len(rows), batch_size):
-        ids, mask = data.pad(rows[s:s + batch_size], pad_id)
-        out.append(rm(ids.to(_device(rm)), mask.to(_device(rm))).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+    share = shares_prefix(rm)
+    members = {}
+    for i, key in enumerate(groups if groups is not None and share else range(len(rows))):
+        members.setdefault(key, []).append(i)
+    units = sorted(members.values(), key=lambda u: _packed_length([rows[i] for i in u]))
+    out, device = torch.zeros(len(rows)), _device(rm)
+    start = 0
+    while start < len(units):  # whole groups, until the next would pass batch_size rows
+        end = start + 1
+        while end < len(units) and sum(map(len, units[start:end + 1])) <= batch_size:
+            end += 1
+        idx = [i for u in units[start:end] for i in u]
+        part = [rows[i] for i in idx]
+        if share:
+            b = data.pack(part, pad_id, [j for j, u in enumerate(units[start:end]) for _ in u])
+            r = rm(b["input_ids"].to(device), b["attention_mask"].to(device), branch=b["branch"].to(device),
+                   select=data.last_index(b, part).to(device))
+        else:
+            ids, mask = data.pad(part, pad_id)
+            r = rm(ids.to(device), mask.to(device))
+        out[idx] = r.float().cpu()
+        start = end
+    return out
+
+
+def _packed_length(rows):
+    return sum(map(len, rows)) - (len(rows) - 1) * data.common_prefix(rows)

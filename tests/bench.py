@@ -1,9 +1,10 @@
 """
 Speed of our sampler, training step and whole TS-Align round against transformers', as ratios in one process.
 
-    python tests/bench.py                          # every section, 5 repeats (about 25 minutes on 2 cores)
+    python tests/bench.py                          # every section, 5 repeats
     python tests/bench.py --only greedy,sample --repeats 7
-    python tests/bench.py --skip-positions --skip-round
+    python tests/bench.py --skip-positions --skip-round --skip-realistic
+    python tests/bench.py --only realistic          # a round as a real run has it (tests/bench_realistic.py)
 
 The policy is a random-init Llama with SmolLM2-135M's configuration (30 layers, C 576, MLP 1536, 9 heads,
 3 key/value heads, V 49152, tied embeddings), built with transformers and saved into a temporary folder.
@@ -12,7 +13,8 @@ defaults (transformers: its generate(), DynamicCache, SDPA attention). The round
 reward model of the same shape and a teacher reward model of SmolLM2-360M's shape (32 layers, C 960, 15
 heads, 5 key/value heads), and times one round's compute on both sides: the policy samples K=8 for 16
 prompts, the student scores every sample, the teacher scores two per prompt, then one DPO step and one
-student step on the round's pairs.
+student step on the round's pairs (ours computes each prompt once for its rows, as tsalign.py does). The
+realistic section (its own file) has chat prompts of 100-300 tokens and responses that stop at varied lengths.
 
 Each measurement runs ours and transformers alternately in this process, and which side goes first swaps
 every repeat, so the slow drift of a shared machine hits both. We print each side's median and the ratio
@@ -53,11 +55,12 @@ from checkpoint import load_model  # noqa: E402
 from generate import generate  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SECTIONS = ("greedy", "sample", "positions", "train", "round", "encoder")
+SECTIONS = ("greedy", "sample", "positions", "train", "round", "encoder", "realistic")
 NEW = 64          # new tokens per sequence in the greedy and sampling sections
 NEAR_TIE = 1e-4   # a top-two logit gap below this may legitimately pick either token
 TARGETS = {"greedy b=1": 1.3, "greedy b=16": 1.3, "ts-align sample": 3.0, "dpo step": 1.15, "round": 2.0,
-           "encoder": 1.0}
+           "encoder": 1.0, "realistic sampling K=8": 3.0, "realistic student scores 64": 1.6,
+           "realistic dpo step (+ref)": 1.5, "realistic whole round": 2.0}
 
 # SmolLM2-135M's config.json, with random weights.
 SMOLLM2_135M = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -77,6 +80,10 @@ def build_args(argv=None):
     p.add_argument("--checkpoint", default=None, help="use this Llama checkpoint folder instead of a fresh random one")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the prompts and the random weights")
+    p.add_argument("--realistic-layers", type=int, default=6, help="layers of each model in the realistic section")
+    p.add_argument("--realistic-repeats", type=int, default=None, help="repeats of the realistic section (default --repeats)")
+    p.add_argument("--realistic-cases", default="sampling,student,teacher,dpo,round",
+                   help="comma-separated cases of the realistic section, of: sampling, student, teacher, dpo, round")
     args = p.parse_args(argv)
     if args.repeats < 1:
         p.error(f"--repeats must be >= 1, got {args.repeats}")
@@ -84,6 +91,7 @@ def build_args(argv=None):
     if only - set(SECTIONS):
         p.error(f"unknown sections {sorted(only - set(SECTIONS))}; known: {', '.join(SECTIONS)}")
     args.sections = [s for s in SECTIONS if s in only and not getattr(args, f"skip_{s}")]
+    args.realistic_repeats = args.realistic_repeats or args.repeats
     return args
 
 
@@ -125,10 +133,17 @@ def left_pad(prompts):
     return data.pad(prompts, 0, side="left")
 
 
-def hf_generate(hf, prompts, n, **kw):
+def hf_generate(hf, prompts, n, stop=None, **kw):
+    """transformers' generate on left-padded prompts: n new tokens, or with a stop id, at most n."""
     ids, mask = left_pad(prompts)
+    until = dict(min_new_tokens=n) if stop is None else dict(eos_token_id=stop)
     with torch.no_grad():
-        return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, pad_token_id=0, **kw)
+        return hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, pad_token_id=0, **until, **kw)
+
+
+def scores(score, rows, batch):
+    """score(ids, mask) on rows of ids right-padded in batches, as both sides' reward models read them: (N,)."""
+    return torch.cat([score(*data.pad(rows[s:s + batch], 0)) for s in range(0, len(rows), batch)])
 
 
 def timed(fn):
@@ -348,39 +363,45 @@ def bench_round(lm, hf, args, gen, results):
             out.append((samples[i * K + c], samples[i * K + r]))
         return out
 
-    def scores(score, rows, batch):  # rows of ids, right-padded in batches, as both sides' reward models read them
-        return torch.cat([score(*data.pad(rows[s:s + batch], 0)) for s in range(0, len(rows), batch)])
-
-    def one_round(sample, score_student, score_teacher, dpo_logps, student_model, policy_model):
+    def one_round(sample, score, logps, student_model, policy_model):
+        """score(model, rows, keys, train): rewards of rows (keys: the prompt of each); logps(prompts, responses,
+        keys): the policy's log-probs of the responses. Each side's own way of doing both is below."""
+        keys = [i // K for i in range(P * K)]
         with torch.no_grad():
             samples = sample()                                                                  # P*K lists of ids
             rows = [prompts[i // K] + x for i, x in enumerate(samples)]
-            s = scores(score_student, rows, 64)                                                 # (P*K,)
+            s = score(student_model, rows, keys, False)                                         # (P*K,)
             best = [(i * K + int(s[i * K:(i + 1) * K].argmax()), i * K + int(s[i * K:(i + 1) * K].argmin()))
                     for i in range(P)]
-            t = scores(score_teacher, [rows[j] for pair in best for j in pair], 64)             # (2P,)
+            t = score(teacher if student_model is student else hf_teacher, [rows[j] for pair in best for j in pair],
+                      [i for i in range(P) for _ in range(2)], False)                        # (2P,)
         pairs = pairs_of(samples, s, t)
-        batch = data.policy_batch(prompts * 2, [c for c, _ in pairs] + [r for _, r in pairs], 0)
         policy_model.train()
-        logp = dpo_logps(batch)
+        logp = logps(prompts * 2, [c for c, _ in pairs] + [r for _, r in pairs], list(range(P)) * 2)
         loss = losses.dpo_loss(logp[:P], logp[P:], logp[:P].detach(), logp[P:].detach())[0].mean()
         loss.backward()
         opts[policy_model].step()
         opts[policy_model].zero_grad(set_to_none=True)
         policy_model.eval()
         student_model.train()
-        ids, mask = data.pad([p + c for p, (c, _) in zip(prompts, pairs)] + [p + r for p, (_, r) in zip(prompts, pairs)], 0)
-        r = score_student(ids, mask)
+        r = score(student_model, [p + c for p, (c, _) in zip(prompts, pairs)] + [p + r for p, (_, r) in zip(prompts, pairs)],
+                  list(range(P)) * 2, True)
         losses.ranking_loss(r[:P], r[P:])[0].mean().backward()
         opts[student_model].step()
         opts[student_model].zero_grad(set_to_none=True)
         student_model.eval()
 
     def ours():
+        def score(rm, rows, keys, train):  # a prompt computed once for its rows (data.pack), as tsalign.py does
+            if not train:
+                return train_loop.reward_scores(rm, rows, 0, 64, groups=keys)
+            b = data.pack(rows, 0, keys)
+            return rm(b["input_ids"], b["attention_mask"], branch=b["branch"], select=data.last_index(b, rows))
+
         one_round(lambda: generate(lm, prompts, Tr, temperature=1.0, top_p=0.95, eos_token_id=None, generator=g,
-                                   num_samples=K),
-                  lambda ids, mask: student(ids, mask), lambda ids, mask: teacher(ids, mask),
-                  lambda batch: train_loop.response_logprobs(lm, batch)[0], student, lm)
+                                   num_samples=K), score,
+                  lambda ps, rs, keys: train_loop.response_logprobs(lm, data.policy_batch(ps, rs, 0, groups=keys))[0],
+                  student, lm)
 
     def theirs():
         def sample():
@@ -388,14 +409,17 @@ def bench_round(lm, hf, args, gen, results):
                               num_return_sequences=K)
             return out[:, -Tr:].tolist()
 
-        def dpo_logps(batch):  # how peer trainers write it: full logits, log-softmax, gather, mask, sum
+        def score(rm, rows, keys, train):  # right-padded rows, in batches of 64
+            fn = lambda ids, mask: rm(input_ids=ids, attention_mask=mask).logits[:, 0]  # noqa: E731
+            return fn(*data.pad(rows, 0)) if train else scores(fn, rows, 64)
+
+        def dpo_logps(ps, rs, keys):  # how peer trainers write it: full logits, log-softmax, gather, mask, sum
+            batch = data.policy_batch(ps, rs, 0)
             ids, mask, resp = batch["input_ids"], batch["attention_mask"], batch["response_mask"]
             logits = hf(input_ids=ids, attention_mask=mask).logits[:, :-1]  # (B, T-1, V)
             return (logits.float().log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1) * resp[:, 1:]).sum(-1)
 
-        one_round(sample, lambda ids, mask: hf_student(input_ids=ids, attention_mask=mask).logits[:, 0],
-                  lambda ids, mask: hf_teacher(input_ids=ids, attention_mask=mask).logits[:, 0], dpo_logps,
-                  hf_student, hf)
+        one_round(sample, score, dpo_logps, hf_student, hf)
 
     ours_small = (lambda: generate(lm, prompts[:1], 2, temperature=1.0, top_p=0.95, eos_token_id=None, num_samples=2))
     ours_small()  # warm-up of both sampling paths
@@ -461,12 +485,18 @@ def main(argv=None):
     print(f"load average {os.getloadavg()[0]:.1f}, repeats {args.repeats}, sections {', '.join(args.sections)}")
     results = {}
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = args.checkpoint or make_checkpoint(os.path.join(tmp, "smollm2-135m-random"), args.seed)
-        lm, hf = load_pair(folder)
+    lm = hf = None
+    if set(args.sections) - {"realistic"}:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = args.checkpoint or make_checkpoint(os.path.join(tmp, "smollm2-135m-random"), args.seed)
+            lm, hf = load_pair(folder)
     gen = torch.Generator().manual_seed(args.seed)
     for s in args.sections:
-        globals()[f"bench_{s}"](lm, hf, args, gen, results)
+        if s == "realistic":  # its own models (tests/bench_realistic.py)
+            import bench_realistic
+            bench_realistic.bench_realistic(sys.modules[__name__], args, gen, results)
+        else:
+            globals()[f"bench_{s}"](lm, hf, args, gen, results)
     if results:
         print(f"\nsummary ({time.perf_counter() - t0:.0f} s, load average {os.getloadavg()[0]:.1f}):")
         for name, target in TARGETS.items():
@@ -476,6 +506,8 @@ def main(argv=None):
         for name in ("parity b=1", "parity b=16"):
             if name in results:
                 print(f"  {name:<18} {'ok' if results[name] else 'FAILED'}")
+        if "realistic kept share" in results:
+            print(f"  {'realistic kept share':<18} {results['realistic kept share']:5.3f}   (row-steps that kept a token)")
         if "position 1024/64" in results:
             print(f"  {'position 1024/64':<18} {results['position 1024/64']:5.2f}x   (flat is 1.0)")
 

@@ -170,3 +170,51 @@ def test_fsdp_run_survives_a_killed_process_and_resumes(world, tmp_path):
     log, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, log[-3000:]
     assert [m["round"] for m in metrics(out)] == list(range(max(done) + 2))
+
+
+SHARED_VS_PLAIN = """
+import json, sys
+sys.path.insert(0, {root!r})
+import torch
+import model
+import train_loop as TL
+from checkpoint import load_model
+
+TL.make_optimizer = lambda params, tc: torch.optim.SGD(params, lr=tc.lr)  # the update is the gradient itself
+TL.init_distributed("cpu", always=True)
+pairs = [([1, 5, 6, 7], [8, 9, 2], [10, 11, 12, 2]), ([1, 6, 7], [9, 9, 4, 2], [9, 9, 3, 2]),
+         ([1, 7, 7, 7, 7], [4, 2], [5, 5, 2]), ([1, 3], [13, 14, 15, 16, 2], [17, 18, 2])]
+tc = TL.TrainConfig(lr=0.1, batch_size=4, warmup=0.0, progress=False)
+out, shares = {{}}, TL.shares_prefix
+for share in (True, False):
+    TL.shares_prefix = shares if share else (lambda m: False)
+    torch.manual_seed(0)  # the new head and the adapters: the same draws on both sides and in both processes
+    lm, rm = load_model({policy!r}), model.add_reward_head(load_model({student!r}))
+    model.add_lora(lm, 2)
+    for lin in model.lora_layers(lm):
+        for b in lin.lora_b:
+            torch.nn.init.normal_(b, 0, 0.05)
+    TL.shard(lm), TL.shard(rm)
+    m = TL.train_dpo(lm, pairs, 0, tc, beta=0.5, sft_coef=0.3)
+    TL.train_reward(rm, [(p + c, p + r) for p, c, r in pairs], 0, tc)
+    full = lambda mod: {{k: v.full_tensor() for k, v in mod.state_dict().items()}}
+    out[share] = (full(lm), full(rm), m["loss"])
+diff = max((a[k] - b[k]).abs().max().item() for a, b in zip(out[True][:2], out[False][:2]) for k in a)
+moved = max(b.abs().max().item() for k, b in out[True][0].items() if "lora_b" in k)
+if TL.is_main():
+    json.dump({{"diff": diff, "loss": abs(out[True][2] - out[False][2]), "moved": moved}}, open({result!r}, "w"))
+TL.finish()
+"""
+
+
+def test_fsdp_training_with_shared_prompts_equals_unshared(world, tmp_path):
+    """Under --fsdp (two processes), a DPO step (LoRA, an SFT term) and a student step with each pair's prompt
+    computed once land on the weights of the unshared steps."""
+    script, result = tmp_path / "shared.py", tmp_path / "result.json"
+    script.write_text(SHARED_VS_PLAIN.format(root=ROOT, policy=world["policy"], student=world["student"], result=str(result)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    r = json.loads(result.read_text())
+    assert r["moved"] > 1e-3 and r["diff"] <= 1e-6 and r["loss"] <= 1e-6, r

@@ -642,9 +642,10 @@ def test_kv_cache_sized_to_need(tmp_path, monkeypatch):
     monkeypatch.setattr(G, "KVCache", Recording)
     prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
     out = G.generate(lm, prompts, 4)
-    assert made == [(2, 5 + 4)]  # the longest prompt plus the new tokens, not the 8192 positions
-    G.generate(lm, prompts, 4, num_samples=3)  # K samples: the prompts' slots once, then 4 slots per row
-    assert made[1] == (2, 5)
+    # the longest prompt plus a slot per token fed back (the last one never is), not the 8192 positions
+    assert made == [(2, 5 + 3)]
+    G.generate(lm, prompts, 4, num_samples=3)  # K samples: a row per prompt, its slots once, then K a step
+    assert made[1] == (2, 5 + 3 * 3)
     assert [len(o) for o in out] == [4, 4]
     hf = hf_load(d)
     for p, o in zip(prompts, out):

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import checkpoint as C
 import generate as G
 import model as M
-from conftest import VOCAB, make_checkpoint, uncached_greedy
+from conftest import VOCAB, hf_load, make_checkpoint, uncached_greedy
 
 PROMPTS = [[5, 9, 14, 3, 77], [8, 8, 101, 42, 6, 19, 23, 4, 11], [60]]  # mixed lengths: left padding in the batch
 
@@ -149,27 +149,133 @@ def test_nucleus_membership_equals_a_stable_sort(top_p):
 
 
 # -----------------------------------------------------------------------------
-# K samples of a prompt read its keys and values once: the same attention as K copies would give
+# A prompt shared by G branches: each branch gets exactly what it gets alone (one attention path for all)
 
-@pytest.mark.parametrize("H, Hkv", [(4, 2), (3, 3)])
-def test_shared_prefix_attention_equals_attention_over_copies(H, Hkv):
-    torch.manual_seed(0)
-    cfg = type("Cfg", (), dict(n_layer=1, n_kv_head=Hkv, head_dim=8))
-    B, K, Tp, t, D = 3, 4, 6, 2, 8
-    cache = M.KVCache(cfg, B, Tp, "cpu", torch.float32)
-    cache.k[0].normal_(), cache.v[0].normal_()
-    cache.valid[:] = torch.tensor([[0, 0, 1, 1, 1, 1], [1] * 6, [0, 0, 0, 0, 0, 1]], dtype=torch.bool)  # left padding
-    cache.filled = Tp
-    k_pre, v_pre, valid_pre = cache.k[0].clone(), cache.v[0].clone(), cache.valid.clone()
-    cache.share_prefix(K, t)
-    own = [(torch.randn(B * K, Hkv, 1, D), torch.randn(B * K, Hkv, 1, D)) for _ in range(t)]
-    for step, (k, v) in enumerate(own):
-        q = torch.randn(B * K, H, 1, D)
-        got = cache.attend(0, q, k, v)
-        cache.filled += 1
-        # the plain way: every row holds a copy of its prompt's keys, then its own; padding masked out
-        keys = torch.cat([k_pre.repeat_interleave(K, 0), torch.cat([x for x, _ in own[:step + 1]], 2)], 2)
-        values = torch.cat([v_pre.repeat_interleave(K, 0), torch.cat([x for _, x in own[:step + 1]], 2)], 2)
-        mask = torch.cat([valid_pre.repeat_interleave(K, 0), torch.ones(B * K, step + 1, dtype=torch.bool)], 1)
-        want = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask[:, None, None], enable_gqa=H != Hkv)
-        assert torch.allclose(got, want, atol=1e-5), step
+WINDOWED = dict(sliding_window=4)  # Mistral: every layer windowed, the window shorter than the rows
+
+
+def packed(rows, side):
+    """Rows of (prompt, [continuations]) packed one per batch row, as data.pack lays them out: the prompt
+    as branch 0, then continuation g as branch g, padded on `side`. Returns ids, mask, branch (B, T) and, for
+    each (row, g), the flat indices of its path (prompt then continuation) into B*T."""
+    flat = [(p + [t for c in cs for t in c], [0] * len(p) + [g + 1 for g, c in enumerate(cs) for _ in c]) for p, cs in rows]
+    T = max(len(ids) for ids, _ in flat)
+    ids, mask, branch = (torch.zeros(len(rows), T, dtype=torch.long) for _ in range(3))
+    paths = {}
+    for i, ((p, cs), (row, br)) in enumerate(zip(rows, flat)):
+        a = 0 if side == "right" else T - len(row)
+        ids[i, a:a + len(row)], mask[i, a:a + len(row)], branch[i, a:a + len(row)] = torch.tensor(row), 1, torch.tensor(br)
+        at = a + len(p)
+        for g, c in enumerate(cs):
+            paths[i, g] = [i * T + a + j for j in range(len(p))] + [i * T + at + j for j in range(len(c))]
+            at += len(c)
+    return ids, mask, branch, paths
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "mistral"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_a_prompt_shared_by_branches_equals_each_sequence_alone(tmp_path, family, side):
+    """Logits and rewards of every token of every branch equal the sequence (prompt + branch) alone, by our
+    plain forward and by transformers; with a sliding window shorter than the rows for Mistral."""
+    kw = WINDOWED if family == "mistral" else {}
+    lm = C.load_model(make_checkpoint(tmp_path / "lm", family, **kw))
+    rm = C.load_model(make_checkpoint(tmp_path / "rm", family, reward=True, **kw))
+    hf, hf_rm = hf_load(str(tmp_path / "lm")), hf_load(str(tmp_path / "rm"), reward=True)
+    g = torch.Generator().manual_seed(0)
+    ids_of = lambda n: torch.randint(3, VOCAB, (n,), generator=g).tolist()  # noqa: E731
+    rows = [(ids_of(7), [ids_of(5), ids_of(1), ids_of(9)]), (ids_of(3), [ids_of(4)]), (ids_of(11), [ids_of(2), ids_of(6)])]
+    ids, mask, branch, paths = packed(rows, side)
+    with torch.no_grad():
+        logits = lm(ids, mask, branch=branch).flatten(0, 1)                             # (B*T, V)
+        ends = torch.tensor([path[-1] for path in paths.values()])
+        rewards = rm(ids, mask, branch=branch, select=ends)                              # (N,)
+        for (i, gi), path in paths.items():
+            seq = torch.tensor([rows[i][0] + rows[i][1][gi]])
+            alone = lm(seq)[0]
+            assert (logits[path] - alone).abs().max() <= 1e-5, (i, gi)
+            assert (logits[path] - hf(seq).logits[0]).abs().max() <= 1e-4, (i, gi)
+            r = rewards[list(paths).index((i, gi))]
+            assert (r - rm(seq)[0]).abs() <= 1e-5 and (r - hf_rm(seq).logits[0, 0]).abs() <= 1e-4, (i, gi)
+
+
+def hf_greedy_with_stops(hf, prompt, n, stops):
+    """transformers' greedy continuation of one prompt alone, stopping at (and keeping) a stop id."""
+    ids = torch.tensor([prompt])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                      eos_token_id=stops, pad_token_id=stops[0])
+    return out[0, len(prompt):].tolist()
+
+
+def live_rows_per_step(lm, run):
+    """run() under a hook on the output layer: how many rows it computed at each call."""
+    seen = []
+    handle = lm.lm_head.register_forward_hook(lambda mod, inp, out: seen.append(inp[0].shape[0]))
+    try:
+        return run(), seen
+    finally:
+        handle.remove()
+
+
+def test_rows_that_stop_leave_the_batch_and_greedy_stays_exact(tmp_path):
+    """Greedy rows stop at different steps: each equals transformers' greedy answer alone and our uncached
+    one, and from the step after a row stops, the output layer no longer computes it."""
+    d = make_checkpoint(tmp_path / "lm", "llama")
+    lm, hf = C.load_model(d), hf_load(d)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (4, 9, 6, 12, 3, 7)]
+    n = 16
+    with torch.no_grad():
+        free = G.generate(lm, prompts, n)
+        # stop ids that end most rows at different steps, and leave one running to the end
+        firsts = {}
+        for o in free:
+            for t, x in enumerate(o):
+                firsts.setdefault(x, []).append(t)
+        stops = sorted(firsts, key=lambda x: -len(set(firsts[x])))[:3]
+        out, seen = live_rows_per_step(lm, lambda: G.generate(lm, prompts, n, eos_token_id=stops))
+    lengths = [len(o) for o in out]
+    assert len(set(lengths)) >= 3 and max(lengths) == n, lengths  # rows do stop at different steps
+    for p, o, f in zip(prompts, out, free):
+        t = next((t for t, x in enumerate(f) if x in stops), None)
+        assert o == (f if t is None else f[:t + 1])
+        ref, gaps = uncached_greedy(lm, p, len(o))
+        upto = next((t for t, gap in enumerate(gaps) if gap < 1e-5), len(o))
+        assert o[:upto] == ref[:upto]
+        assert o == hf_greedy_with_stops(hf, p, n, stops)
+    # call s computes the token at step s for the rows still running then: those longer than s
+    assert seen == [len(prompts)] + [sum(length > s for length in lengths) for s in range(1, max(lengths))]
+
+
+def uncached_sample(lm, prompt, n, u, stops, **kw):
+    """One sample, a full forward per step, drawing with the given random numbers u (n, r)."""
+    seq = list(prompt)
+    with torch.no_grad():
+        for t in range(n):
+            logits = lm(torch.tensor([seq]))[0, -1:]
+            seq.append(int(G.sample_token(logits, u=u[t:t + 1], **kw)))
+            if seq[-1] in stops:
+                break
+    return seq[len(prompt):]
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_samples_that_stop_at_different_steps_equal_sampling_each_alone(tmp_path, family):
+    """K samples per prompt with per-prompt generators: the samples of a prompt stop at different steps, the
+    cache drops them as they stop, and each sample equals an uncached sampler given its random numbers."""
+    lm = C.load_model(make_checkpoint(tmp_path / "lm", family, **(WINDOWED if family == "mistral" else {})))
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in (5, 10, 3)]
+    K, n, kw = 4, 14, dict(temperature=1.0, top_p=0.9)
+    stops = list(range(3, 3 + VOCAB // 12))  # a twelfth of the vocabulary: samples stop early and late
+    kept = []
+    keep = M.KVCache.keep
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M.KVCache, "keep", lambda self, *a: kept.append(len(a[0])) or keep(self, *a))
+        out = G.generate(lm, prompts, n, eos_token_id=stops, num_samples=K, generator=[torch.Generator().manual_seed(s) for s in (7, 8, 9)], **kw)
+    assert kept, "no row ever left the batch: the test would not test it"
+    for i, p in enumerate(prompts):
+        lengths = [len(o) for o in out[i * K:(i + 1) * K]]
+        u = 1.0 - torch.rand(K, n, G.random_numbers(kw["top_p"]), generator=torch.Generator().manual_seed(7 + i))
+        for k in range(K):
+            assert out[i * K + k] == uncached_sample(lm, p, n, u[k], stops, **kw), (i, k)
+    assert len({len(o) for o in out}) >= 3

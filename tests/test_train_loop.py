@@ -7,10 +7,10 @@ import torch
 import data
 import losses
 import model
-from checkpoint import config_from_hf
+from checkpoint import config_from_hf, load_model
 from generate import generate
 import train_loop as TL
-from conftest import uncached_greedy
+from conftest import hf_load, make_checkpoint, uncached_greedy
 
 EOS = 2  # also the pad id below: the pitfall where a mask built from ids would hide the final EOS
 
@@ -197,3 +197,106 @@ def test_gradient_accumulation_equals_one_big_batch(monkeypatch):
     TL.train_reward(b, rows, EOS, quiet(lr=1e-2, batch_size=1, grad_accum=4, warmup=0.0))
     for (n, x), y in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(x, y, atol=1e-7), n
+
+
+# -----------------------------------------------------------------------------
+# A prompt computed once: rows of one prompt packed together (data.pack) score and train as they do alone
+
+WINDOWED = dict(sliding_window=4)  # Mistral with a window shorter than the rows
+
+
+def shared_rows(seed=0):
+    """Rows (prompt + response) of 3 prompts with 1, 3 and 4 responses: of different lengths, one the start
+    of another, two identical; and each row's prompt index."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, 120, (n,), generator=g).tolist()  # noqa: E731
+    prompts = [ids(6), ids(3), ids(9)]
+    a = ids(5)
+    responses = [[ids(4)], [ids(2), ids(7) + [EOS], ids(1)], [a, a[:3], a, ids(6)]]
+    rows = [p + r for p, rs in zip(prompts, responses) for r in rs]
+    keys = [i for i, rs in enumerate(responses) for _ in rs]
+    return rows, keys
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "mistral"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_shared_prompt_rewards_equal_each_row_alone(tmp_path, family, side):
+    d = make_checkpoint(tmp_path / "rm", family, reward=True, pad_token_id=EOS, **(WINDOWED if family == "mistral" else {}))
+    rm, hf = load_model(d), hf_load(d, reward=True)
+    hf.config.pad_token_id = None  # one row at a time: transformers then reads its last token, the EOS included
+    rows, keys = shared_rows()
+    with torch.no_grad():
+        b = data.pack(rows, EOS, keys, side)
+        assert b["input_ids"].shape[0] == 3 and (b["branch"].max(1).values.tolist() == [0, 3, 4])  # packed per prompt
+        packed = rm(b["input_ids"], b["attention_mask"], branch=b["branch"], select=data.last_index(b, rows))
+        order = [5, 2, 7, 1, 4, 3, 6, 0]  # the prompts' rows interleaved: grouping and putting back are tested
+        scored = torch.empty(len(rows))
+        scored[order] = TL.reward_scores(rm, [rows[i] for i in order], EOS, batch_size=4, groups=[keys[i] for i in order])
+        for i, row in enumerate(rows):
+            alone = rm(torch.tensor([row]))[0]
+            assert (packed[i] - alone).abs() <= 1e-5 and (scored[i] - alone).abs() <= 1e-5, i
+            assert (alone - hf(torch.tensor([row])).logits[0, 0]).abs() <= 1e-4, i
+
+
+def pair_losses(lm, pairs, share, sft_coef=0.5):
+    """DPO (against a fixed reference) plus an SFT term on the chosen, as train_dpo computes them: the loss
+    and the gradient of every trainable parameter."""
+    logp, n = TL.response_logprobs(lm, TL._pair_batch(pairs, EOS, "cpu", share))
+    P = len(pairs)
+    ref = torch.linspace(-40.0, -30.0, 2 * P)
+    loss = losses.dpo_loss(logp[:P], logp[P:], ref[:P], ref[P:], beta=0.5)[0].mean() + sft_coef * losses.sft_loss(logp[:P], n[:P])
+    params = [p for p in lm.parameters() if p.requires_grad]
+    return loss, logp, torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "mistral"])
+@pytest.mark.parametrize("lora", [False, True])
+def test_dpo_with_the_prompt_computed_once_equals_two_sequences(tmp_path, family, lora):
+    """A pair's prompt computed once for its chosen and rejected responses: log-probs equal transformers' on
+    each sequence alone, and the DPO + SFT loss and every gradient equal the unshared computation."""
+    d = make_checkpoint(tmp_path / "lm", family, pad_token_id=EOS, **(WINDOWED if family == "mistral" else {}))
+    lm, hf = load_model(d), hf_load(d)
+    if lora:
+        model.add_lora(lm, 2)
+        with torch.no_grad():
+            for lin in model.lora_layers(lm):
+                for b in lin.lora_b:
+                    b.normal_(0, 0.05, generator=torch.Generator().manual_seed(b.numel()))
+    g = torch.Generator().manual_seed(1)
+    ids = lambda n: torch.randint(3, 120, (n,), generator=g).tolist()  # noqa: E731
+    common = ids(3)
+    pairs = [(ids(7), ids(5) + [EOS], ids(2)), (ids(4), common + ids(3), common + ids(6) + [EOS]), (ids(10), ids(1), ids(8))]
+    lm.train()
+    shared, logp, g_shared = pair_losses(lm, pairs, share=True)
+    plain, _, g_plain = pair_losses(lm, pairs, share=False)
+    assert (shared - plain).abs() <= 1e-5
+    assert max((a - b).abs().max() for a, b in zip(g_shared, g_plain)) <= 1e-5
+    assert max(g.abs().max() for g in g_shared) > 1e-3  # gradients that are not all ~0
+    if not lora:
+        for i, (p, c, r) in enumerate(pairs):
+            for j, resp in ((i, c), (i + len(pairs), r)):
+                with torch.no_grad():
+                    full = hf(torch.tensor([p + resp])).logits[0].log_softmax(-1)
+                want = sum(full[len(p) - 1 + t, tok] for t, tok in enumerate(resp))
+                assert (logp[j] - want).abs() <= 1e-4, (i, j)
+
+
+def test_training_steps_with_shared_prompts_equal_unshared_ones(monkeypatch):
+    """One SGD step of train_dpo (its own reference pass, an SFT term) and of train_reward, with each pair's
+    prompt computed once, lands on the weights the unshared step gives."""
+    monkeypatch.setattr(TL, "make_optimizer", lambda params, tc: torch.optim.SGD(params, lr=tc.lr))
+    tc = quiet(lr=1e-1, batch_size=4, warmup=0.0)
+    trained = {}
+    for share in (True, False):
+        if not share:
+            monkeypatch.setattr(TL, "shares_prefix", lambda m: False)
+        lm, rm = tiny_lm(), model.add_reward_head(tiny_lm(seed=2))
+        before = {k: v.clone() for k, v in lm.state_dict().items()}
+        m = TL.train_dpo(lm, PAIRS, EOS, tc, beta=0.5, sft_coef=0.3)
+        TL.train_reward(rm, [(p + c, p + r) for p, c, r in PAIRS], EOS, tc)
+        trained[share] = lm.state_dict(), rm.state_dict(), m
+    assert max((trained[True][0][k] - before[k]).abs().max() for k in before) > 1e-3  # the step moved the weights
+    for j in (0, 1):
+        for k, v in trained[True][j].items():
+            assert (v - trained[False][j][k]).abs().max() <= 1e-6, k
+    assert abs(trained[True][2]["loss"] - trained[False][2]["loss"]) <= 1e-6

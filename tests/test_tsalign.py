@@ -304,3 +304,37 @@ def test_stopping_a_run_by_hand(world, tmp_path, sig, status, name):
                                            f"continue with: python tsalign.py --resume --out {out}")
     tsalign.main(["--resume", "--out", str(out), "--rounds", str(max(done) + 1)])
     assert [m["round"] for m in metrics(out)] == list(range(max(done) + 2))
+
+
+def test_scorers_compute_a_prompt_once_and_score_as_alone(world):
+    """The student scores K responses of a prompt, and a judge its questions about one prompt, with the
+    prompt's common ids computed once: the same as each row alone by transformers."""
+    import data
+    import evaluate
+    from conftest import hf_load
+    prompts = ["1 2 3", "a b", "1 2 3", "c d e f"]
+    texts = ["4 5", "6", "a b c d", "7 8 9 0"]
+    student = evaluate.load_scorer(world["teacher"], "chatml")  # a reward model
+    hf = hf_load(world["teacher"], reward=True)
+    hf.config.pad_token_id = None  # one row at a time: its last token, whatever it is
+    rows = []
+    student.m.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    with torch.no_grad():
+        got = student.score(prompts, texts, [True, False, True, True])
+        assert rows == [3]  # a batch row per prompt
+        for i, (p, t, f) in enumerate(zip(prompts, texts, [True, False, True, True])):
+            assert (got[i] - hf(torch.tensor([student.ids(p, t, f)])).logits[0, 0]).abs() <= 1e-4, i
+        judge = evaluate.load_scorer(world["judge"], "chatml", judge=True, min_mass=0.0)  # every answer valid
+        hf = hf_load(world["judge"])
+        ask = (["1 2 3"] * 3 + ["a b"], ["4 5", "6 7", "4 5", "c"], ["6 7", "4 5", "8", "d e"])
+        rows = []
+        judge.m.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+        got = judge.compare(*ask)
+        assert rows == [2]
+        rows = [data.encode_prompt(judge.tok, "chatml", evaluate.JUDGE_TEMPLATE.format(prompt=p, a=a, b=b)) for p, a, b in zip(*ask)]
+        assert data.common_prefix(rows[:3]) > 10  # the questions about one prompt do share ids
+        labels = [judge.tok.encode(x, add_special_tokens=False).ids[0] for x in ("A", "B")]
+        for i, row in enumerate(rows):
+            probs = hf(torch.tensor([row])).logits[0, -1].softmax(-1)
+            pa, pb = probs[labels[0]], probs[labels[1]]
+            assert abs(got[i] - pa / (pa + pb)) <= 1e-5, i
