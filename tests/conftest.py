@@ -144,7 +144,7 @@ def uncached_greedy(lm, prompt, n):
 
 WORDS = [str(i) for i in range(10)] + ["user", "assistant", "\n"] + list("abcdefghij") + ["A", "B"]
 SPECIALS = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
-DEVICE = os.environ.get("TSALIGN_TEST_DEVICE", "cpu")  # tests/gpu_check.py sets cuda
+DEVICE = os.environ.get("TSALIGN_TEST_DEVICE", "cpu")  # scripts/gpu_check.py sets cuda
 
 
 def word_tokenizer():

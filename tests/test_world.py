@@ -75,7 +75,7 @@ def test_the_win_rate_against_the_base_follows_the_oracle():
 
 def test_the_shipped_base_policy_has_the_flaw_the_readme_describes():
     """Its greedy answer drops the largest digit almost always and is rarely exactly right, while its
-    samples hold right answers (README: about 6% greedy answers right; a quarter of the samples, at least
+    samples hold right answers (docs/world.md: about 6% greedy answers right; a quarter of the samples, at least
     one of 8 for most prompts), judged here with the sorted digits themselves."""
     folder = os.path.join(SHIPPED, "policy")
     lm, tok = load_model(folder, "cpu"), data.load_tokenizer(folder)

@@ -1,6 +1,6 @@
 """CUDA checks, run by hand on a machine with a GPU (not collected by pytest; CPU CI cannot run them):
 
-    python tests/gpu_check.py
+    python scripts/gpu_check.py
 
 Our model against transformers on the GPU in float32 and bfloat16, greedy sampling on the GPU against our
 own uncached forward, and one TS-Align round on tiny checkpoints with --device cuda."""
@@ -10,8 +10,10 @@ import tempfile
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repo root
+TESTS = os.path.join(ROOT, "tests")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, TESTS)  # the tests' tiny checkpoints and references (conftest.py)
 from checkpoint import load_model  # noqa: E402
 from generate import generate  # noqa: E402
 from conftest import FAMILIES, hf_load, make_checkpoint, uncached_greedy  # noqa: E402
@@ -55,7 +57,8 @@ def main():
     # One TS-Align round on tiny checkpoints, on the GPU.
     import pytest
     os.environ["TSALIGN_TEST_DEVICE"] = "cuda"
-    rc = pytest.main(["-q", "-x", os.path.join(os.path.dirname(__file__), "test_tsalign.py"), "-k", "two_rounds or variants"])
+    test_file = os.path.join(TESTS, "test_tsalign.py")
+    rc = pytest.main(["-q", "-x", test_file, "-k", "two_rounds or variants"])
     good &= check("tests/test_tsalign.py (two rounds, variants) with --device cuda", rc == 0)
     print("ALL OK" if good else "SOME CHECKS FAILED")
     return 0 if good else 1

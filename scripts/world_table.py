@@ -1,9 +1,10 @@
 """
-Re-measure the README's tables on the default world: every strategy and seed they report, printed as the
-markdown rows the README shows.
+Re-measure the default world's two result tables of docs/results.md (the selection strategies, whose seed-0
+rows the README shows, and the distilled student): every strategy and seed, printed as the markdown rows
+there.
 
-    python tests/world_table.py                        # seeds 0, 1, 2: both tables, about 20 minutes on 2 cores
-    python tests/world_table.py --seeds 0 --work runs/table   # one seed; run folders kept (and reused) there
+    python scripts/world_table.py                        # seeds 0, 1, 2: both tables, about 20 minutes on 2 cores
+    python scripts/world_table.py --seeds 0 --work runs/table   # one seed; run folders kept (and reused) there
 
 The runs, each `python tsalign.py --rounds R --seed S ...` on the shipped world (default_world/):
   selection table   --selection ts-align | teacher-all | student-only --min-margin 0.1 (without the world's

@@ -2,9 +2,9 @@
 Does a change leave what a run computes unchanged? Run an earlier commit and the working tree back to back
 on the default world and compare what they wrote.
 
-    python tests/same_run.py 5540fa7                    # the three --selection values, 3 rounds, seed 0
-    python tests/same_run.py 5540fa7 --selection ts-align --rounds 1
-    python tests/same_run.py 5540fa7 --selection "student-only --min-margin 0.1"   # a case: selection, options
+    python scripts/same_run.py 5540fa7                    # the three --selection values, 3 rounds, seed 0
+    python scripts/same_run.py 5540fa7 --selection ts-align --rounds 1
+    python scripts/same_run.py 5540fa7 --selection "student-only --min-margin 0.1"   # a case: selection, options
 
 For each case, both sides run `python tsalign.py --rounds R --seed S --selection X [options]` (the earlier
 commit from a `git worktree`) on the world that ships with the repository (default_world/), so both sides

@@ -1,9 +1,9 @@
 """
-The benchmark's realistic section (`python tests/bench.py --only realistic`): a TS-Align round as a real run
+The benchmark's realistic section (`python scripts/bench.py --only realistic`): a TS-Align round as a real run
 has it, against the same round composed from transformers, used as peers use it.
 
-    python tests/bench.py --only realistic                       # about 10 minutes on 2 cores (6 layers)
-    python tests/bench.py --only realistic --realistic-layers 30 # SmolLM2's full depth (about 3 hours here)
+    python scripts/bench.py --only realistic                       # about 10 minutes on 2 cores (6 layers)
+    python scripts/bench.py --only realistic --realistic-layers 30 # SmolLM2's full depth (about 3 hours here)
 
 What makes it realistic, where the other sections are not:
 - prompts of 100-300 tokens, SmolLM2's chat template included (its token ids; the words between are random);

@@ -1,10 +1,10 @@
 """
 Speed of our sampler, training step and whole TS-Align round against transformers', as ratios in one process.
 
-    python tests/bench.py                          # every section, 5 repeats
-    python tests/bench.py --only greedy,sample --repeats 7
-    python tests/bench.py --skip-positions --skip-round --skip-realistic
-    python tests/bench.py --only realistic          # a round as a real run has it (tests/bench_realistic.py)
+    python scripts/bench.py                          # every section, 5 repeats
+    python scripts/bench.py --only greedy,sample --repeats 7
+    python scripts/bench.py --skip-positions --skip-round --skip-realistic
+    python scripts/bench.py --only realistic          # a round as a real run has it (scripts/bench_realistic.py)
 
 The policy is a random-init Llama with SmolLM2-135M's configuration (30 layers, C 576, MLP 1536, 9 heads,
 3 key/value heads, V 49152, tied embeddings), built with transformers and saved into a temporary folder.
@@ -492,7 +492,7 @@ def main(argv=None):
             lm, hf = load_pair(folder)
     gen = torch.Generator().manual_seed(args.seed)
     for s in args.sections:
-        if s == "realistic":  # its own models (tests/bench_realistic.py)
+        if s == "realistic":  # its own models (scripts/bench_realistic.py)
             import bench_realistic
             bench_realistic.bench_realistic(sys.modules[__name__], args, gen, results)
         else:
