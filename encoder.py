@@ -46,7 +46,7 @@ class EncoderConfig:
     n_head: int                   # H
     n_embd: int                   # C
     n_inner: int                  # I
-    max_positions: int            # max_position_embeddings: longest pair (data.pair_ids obeys)
+    max_positions: int            # max_position_embeddings: longest pair (data.pair_ids cuts to it)
     norm_eps: float
     act: str = "gelu"             # the MLP's (hidden_act)
     pooler_act: str = "gelu"      # pooler_hidden_act
