@@ -28,7 +28,7 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": ("qwen2", False), "Qwen2ForSequenceClassification": ("qwen2", True),
     "Qwen3ForCausalLM": ("qwen3", False), "Qwen3ForSequenceClassification": ("qwen3", True),
     "GPT2LMHeadModel": ("gpt2", False), "GPT2ForSequenceClassification": ("gpt2", True),
-    "LlamaRewardModel": ("llama", True),  # UltraRM-13B, the paper's teacher: `regression_head`
+    "LlamaRewardModel": ("llama", True),  # UltraRM-13B, the paper's teacher; head: regression_head
     "DebertaV2ForSequenceClassification": ("deberta-v2", True),  # the paper's student (encoder.py)
 }
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh",
