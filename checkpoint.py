@@ -1,10 +1,9 @@
-"""
-Hugging Face checkpoints in and out: config.json -> ModelConfig, safetensors -> our weights, and back.
+"""Hugging Face checkpoints in and out: config.json -> ModelConfig, safetensors <-> our weights.
 
-A checkpoint folder holds config.json, the weights (model.safetensors, or shards listed by an index) and
-the tokenizer files. Loading builds our model from the config (never guessing from a folder name), then
-copies every tensor through one name table per layout, checking that nothing is missing, unexpected or
-mis-shaped. Saving walks the same table backwards, so a saved folder loads in transformers.
+A checkpoint folder holds config.json, the weights (model.safetensors, or shards and an index) and
+the tokenizer files. Loading builds our model from config.json, never from a folder name, and
+copies each tensor through one name table per layout, checking that none is missing, unexpected or
+mis-shaped. Saving walks the table backwards, so transformers loads what we save.
 """
 import json
 import os
@@ -16,7 +15,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from encoder import ACTS, EncoderConfig, EncoderRewardModel
+from encoder import EncoderRewardModel, encoder_config
 from model import CausalLM, ModelConfig, RewardModel, lora_delta
 
 # ---- config.json -> ModelConfig ------------------------------------------------------------------
@@ -29,58 +28,66 @@ ARCHITECTURES = {
     "Qwen2ForCausalLM": ("qwen2", False), "Qwen2ForSequenceClassification": ("qwen2", True),
     "Qwen3ForCausalLM": ("qwen3", False), "Qwen3ForSequenceClassification": ("qwen3", True),
     "GPT2LMHeadModel": ("gpt2", False), "GPT2ForSequenceClassification": ("gpt2", True),
-    "LlamaRewardModel": ("llama", True),  # UltraRM-13B, the paper's teacher: its head is `regression_head`
-    "DebertaV2ForSequenceClassification": ("deberta-v2", True),  # an encoder (encoder.py): the paper's student
+    "LlamaRewardModel": ("llama", True),  # UltraRM-13B, the paper's teacher; head: regression_head
+    "DebertaV2ForSequenceClassification": ("deberta-v2", True),  # the paper's student (encoder.py)
 }
-ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
-               "gelu_fast": "gelu_tanh", "gelu": "gelu"}
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_new": "gelu_tanh",
+               "gelu_pytorch_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu": "gelu"}
 
 
 def _as_list(x):
-    return [] if x is None else list(x) if isinstance(x, (list, tuple)) else [x]
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]
 
 
 def config_from_hf(hf, generation=None, source=None):
-    """Our config from a config.json dict (transformers 4.x or 5.x layout) and generation_config.json."""
+    """Our config from a config.json dict (transformers 4.x or 5.x) and generation_config.json."""
     archs = hf.get("architectures") or []
     arch = next((a for a in archs if a in ARCHITECTURES), None)
     if arch is None:
-        raise ValueError(f"unsupported architectures {archs} in config.json; supported: {', '.join(ARCHITECTURES)}")
+        raise ValueError(f"unsupported architectures {archs} in config.json; "
+                         f"supported: {', '.join(ARCHITECTURES)}")
     family, reward = ARCHITECTURES[arch]
     if reward:
         n_labels = hf.get("num_labels", len(hf.get("id2label") or {"0": 0}))
         if n_labels != 1:
-            raise ValueError(f"{arch} with {n_labels} labels is not a reward model; expected num_labels 1")
+            raise ValueError(f"{arch} with {n_labels} labels is not a reward model; "
+                             "expected num_labels 1")
     # Stop ids: config.json's eos_token_id, plus generation_config.json's (instruct models such as
     # Llama-3 and Qwen2.5 keep their end-of-turn id only there).
-    stops = list(dict.fromkeys(_as_list(hf.get("eos_token_id")) + _as_list((generation or {}).get("eos_token_id"))))
-    common = dict(arch=arch, family=family, reward=reward, vocab_size=hf["vocab_size"], stop_token_ids=stops,
-                  bos_token_id=hf.get("bos_token_id"), pad_token_id=hf.get("pad_token_id"), hf=hf, source=source)
+    stops = list(dict.fromkeys(_as_list(hf.get("eos_token_id"))
+                               + _as_list((generation or {}).get("eos_token_id"))))
+    common = dict(arch=arch, family=family, reward=reward, vocab_size=hf["vocab_size"],
+                  stop_token_ids=stops, bos_token_id=hf.get("bos_token_id"),
+                  pad_token_id=hf.get("pad_token_id"), hf=hf, source=source)
     if family == "deberta-v2":
         return encoder_config(hf, common)
     if family == "gpt2":
         C = hf["n_embd"]
-        return ModelConfig(**common, n_layer=hf["n_layer"], n_head=hf["n_head"], n_kv_head=hf["n_head"],
-                           n_embd=C, head_dim=C // hf["n_head"], n_inner=hf.get("n_inner") or 4 * C,
-                           max_positions=hf["n_positions"], norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        return ModelConfig(**common, n_layer=hf["n_layer"], n_head=hf["n_head"],
+                           n_kv_head=hf["n_head"], n_embd=C, head_dim=C // hf["n_head"],
+                           n_inner=hf.get("n_inner") or 4 * C, max_positions=hf["n_positions"],
+                           norm_eps=hf.get("layer_norm_epsilon", 1e-5),
                            act=_activation(hf.get("activation_function", "gelu_new")), gpt2=True,
                            qkv_bias=True, o_bias=True, mlp_bias=True,
                            tie_embeddings=hf.get("tie_word_embeddings", True))
     C, H = hf["hidden_size"], hf["num_attention_heads"]
-    # RoPE: transformers 5.x writes rope_parameters {rope_type, rope_theta, ...}; 4.x writes rope_theta at
-    # the top level and rope_scaling {type or rope_type, ...} (or null).
+    # RoPE: transformers 5.x writes rope_parameters {rope_type, rope_theta, ...}; 4.x writes
+    # rope_theta at the top level and rope_scaling {type or rope_type, ...} (or null).
     rope = dict(hf.get("rope_parameters") or {})
     theta = rope.pop("rope_theta", hf.get("rope_theta", 10000.0))
     scaling = rope or dict(hf.get("rope_scaling") or {})
     kind = scaling.get("rope_type", scaling.get("type", "default"))
     if kind not in ("default", "linear", "llama3"):
-        raise ValueError(f"unsupported rope type {kind!r} in config.json; supported: default, linear, llama3")
+        raise ValueError(f"unsupported rope type {kind!r} in config.json; "
+                         "supported: default, linear, llama3")
     attn_bias = hf.get("attention_bias", False)
     return ModelConfig(**common, n_layer=hf["num_hidden_layers"], n_head=H,
                        n_kv_head=hf.get("num_key_value_heads") or H, n_embd=C,
                        head_dim=hf.get("head_dim") or C // H, n_inner=hf["intermediate_size"],
-                       max_positions=hf.get("max_position_embeddings", 2048), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                       windows=sliding_windows(hf, family),
+                       max_positions=hf.get("max_position_embeddings", 2048),
+                       norm_eps=hf.get("rms_norm_eps", 1e-6), windows=sliding_windows(hf, family),
                        act=_activation(hf.get("hidden_act", "silu")),
                        qkv_bias=True if family == "qwen2" else attn_bias,
                        o_bias=False if family == "qwen2" else attn_bias,
@@ -90,98 +97,47 @@ def config_from_hf(hf, generation=None, source=None):
 
 
 def sliding_windows(hf, family):
-    """Per layer, its sliding attention window (keys a query sees, itself included), or None; None: no layer
-    slides. Mistral: `sliding_window` on every layer. Qwen2/Qwen3: only with `use_sliding_window`, on the
-    layers that `layer_types` names "sliding_attention", or else on those from `max_window_layers` on."""
+    """Per layer, its attention window (keys a query sees, itself included) or None; None: no layer
+    slides. Mistral: `sliding_window` on every layer. Qwen2/3: with `use_sliding_window`, on the
+    layers `layer_types` calls "sliding_attention", or else on those from `max_window_layers` on."""
     n, window = hf["num_hidden_layers"], hf.get("sliding_window")
     if family == "mistral" and window:
         return [window] * n
     if family not in ("qwen2", "qwen3") or not hf.get("use_sliding_window") or not window:
         return None
-    types = hf.get("layer_types") or ["sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention"
-                                      for i in range(n)]
+    types = hf.get("layer_types") or [
+        "sliding_attention" if i >= hf.get("max_window_layers", n) else "full_attention"
+        for i in range(n)]
     windows = [window if t == "sliding_attention" else None for t in types]
     return windows if any(windows) else None
 
 
-# DebertaV2Config's defaults, which transformers uses for a key config.json leaves out (the last row: keys
-# its modules read with a default of their own).
-DEBERTA_DEFAULTS = dict(
-    hidden_size=1536, num_hidden_layers=24, num_attention_heads=24, intermediate_size=6144, hidden_act="gelu",
-    hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1, max_position_embeddings=512, type_vocab_size=0,
-    layer_norm_eps=1e-7, relative_attention=False, max_relative_positions=-1, pad_token_id=0,
-    position_biased_input=True, pos_att_type=None, pooler_dropout=0.0, pooler_hidden_act="gelu",
-    share_att_key=False, position_buckets=-1, norm_rel_ebd="none", conv_kernel_size=0, conv_groups=1,
-    conv_act="tanh", cls_dropout=None)
-
-
-def encoder_config(hf, common):
-    """A DeBERTa-v2/v3 config.json as EncoderConfig. A setting encoder.py does not implement is an error
-    that names its key."""
-    get = lambda k: hf.get(k, DEBERTA_DEFAULTS[k])  # noqa: E731
-    C, H = get("hidden_size"), get("num_attention_heads")
-    where = f"in config.json of {common['source']}" if common["source"] else "in config.json"
-
-    def refuse(key, why):
-        raise ValueError(f"{key} {hf.get(key)!r} {where}: {why}")
-
-    for key, bad, why in [
-            ("type_vocab_size", get("type_vocab_size") > 0, "token-type embeddings are not implemented (expected 0)"),
-            ("embedding_size", hf.get("embedding_size", C) != C, f"only embeddings of hidden_size {C} are implemented"),
-            ("attention_head_size", hf.get("attention_head_size", C // H) != C // H, f"expected hidden_size / heads"),
-            ("pooler_hidden_size", hf.get("pooler_hidden_size", C) != C, f"expected hidden_size {C}"),
-            ("conv_kernel_size", get("conv_kernel_size") % 2 == 0 and get("conv_kernel_size") > 0,
-             "an even kernel is not implemented (transformers' own fails on it)")]:
-        if bad:
-            refuse(key, why)
-    for key in ("hidden_act", "pooler_hidden_act", "conv_act"):
-        if get(key) not in ACTS:
-            refuse(key, f"unsupported activation; supported: {', '.join(ACTS)}")
-    types = get("pos_att_type") or []
-    types = [t.strip().lower() for t in (types.split("|") if isinstance(types, str) else types)]
-    if set(types) - {"c2p", "p2c"}:
-        refuse("pos_att_type", "only c2p and p2c are implemented")
-    norm_rel = [t.strip() for t in (get("norm_rel_ebd") or "none").lower().split("|")]
-    if set(norm_rel) - {"none", "layer_norm"}:
-        refuse("norm_rel_ebd", "expected none or layer_norm")
-    max_rel = get("max_relative_positions")
-    cls_dropout = get("cls_dropout")
-    return EncoderConfig(
-        **{**common, "pad_token_id": get("pad_token_id")}, n_layer=get("num_hidden_layers"), n_head=H, n_embd=C,
-        n_inner=get("intermediate_size"), max_positions=get("max_position_embeddings"), norm_eps=get("layer_norm_eps"),
-        act=get("hidden_act"), pooler_act=get("pooler_hidden_act"), abs_positions=get("position_biased_input"),
-        c2p="c2p" in types, p2c="p2c" in types, relative=get("relative_attention"),
-        buckets=max(0, get("position_buckets")),
-        max_relative=max_rel if max_rel >= 1 else get("max_position_embeddings"),
-        share_att_key=get("share_att_key"), norm_rel="layer_norm" in norm_rel, conv_kernel=get("conv_kernel_size"),
-        conv_groups=get("conv_groups"), conv_act=get("conv_act"), dropout=get("hidden_dropout_prob"),
-        attn_dropout=get("attention_probs_dropout_prob"), pooler_dropout=get("pooler_dropout"),
-        cls_dropout=get("hidden_dropout_prob") if cls_dropout is None else cls_dropout)
-
-
 def _activation(name):
     if name not in ACTIVATIONS:
-        raise ValueError(f"unsupported activation {name!r} in config.json; supported: {', '.join(ACTIVATIONS)}")
+        raise ValueError(f"unsupported activation {name!r} in config.json; "
+                         f"supported: {', '.join(ACTIVATIONS)}")
     return ACTIVATIONS[name]
 
 
 # ---- The name table: our module names -> Hugging Face's, one literal dict per layout -------------
 
-# {i} is the layer index. A module's .weight and .bias map to the Hugging Face module's .weight and .bias.
-# A plain name is copied as it is; ("T", name) is GPT-2's Conv1D, which stores its weight transposed, (in,
-# out); ("cat", names...) is one of our fused projections: the Hugging Face tensors stacked along the output
-# dim on load, split by the module's `parts` on save (so saved checkpoints keep transformers' layout).
-# Modules a config does not have (biases, Qwen3's q/k norms) are simply not in our model.
+# {i} is the layer index; a module's .weight and .bias map to the Hugging Face module's. A plain
+# name is copied; ("T", name) is GPT-2's Conv1D, which stores its weight transposed, (in, out);
+# ("cat", names...) is a fused projection of ours: their tensors stacked along the output dim on
+# load, split by the module's `parts` on save. Modules a config lacks (biases, Qwen3's q/k norms)
+# are not in our model.
 LLAMA_NAMES = {  # Llama, Mistral, Qwen2, Qwen3
     "decoder.tok_emb": "model.embed_tokens",
     "decoder.blocks.{i}.attn_norm": "model.layers.{i}.input_layernorm",
-    "decoder.blocks.{i}.attn.qkv": ("cat", "model.layers.{i}.self_attn.q_proj", "model.layers.{i}.self_attn.k_proj",
+    "decoder.blocks.{i}.attn.qkv": ("cat", "model.layers.{i}.self_attn.q_proj",
+                                    "model.layers.{i}.self_attn.k_proj",
                                     "model.layers.{i}.self_attn.v_proj"),
     "decoder.blocks.{i}.attn.q_norm": "model.layers.{i}.self_attn.q_norm",
     "decoder.blocks.{i}.attn.k_norm": "model.layers.{i}.self_attn.k_norm",
     "decoder.blocks.{i}.attn.o": "model.layers.{i}.self_attn.o_proj",
     "decoder.blocks.{i}.mlp_norm": "model.layers.{i}.post_attention_layernorm",
-    "decoder.blocks.{i}.mlp.gate_up": ("cat", "model.layers.{i}.mlp.gate_proj", "model.layers.{i}.mlp.up_proj"),
+    "decoder.blocks.{i}.mlp.gate_up": ("cat", "model.layers.{i}.mlp.gate_proj",
+                                       "model.layers.{i}.mlp.up_proj"),
     "decoder.blocks.{i}.mlp.down": "model.layers.{i}.mlp.down_proj",
     "decoder.norm": "model.norm",
     "lm_head": "lm_head",
@@ -191,7 +147,7 @@ GPT2_NAMES = {
     "decoder.tok_emb": "transformer.wte",
     "decoder.pos_emb": "transformer.wpe",
     "decoder.blocks.{i}.attn_norm": "transformer.h.{i}.ln_1",
-    "decoder.blocks.{i}.attn.qkv": ("T", "transformer.h.{i}.attn.c_attn"),  # GPT-2 fuses q, k, v too
+    "decoder.blocks.{i}.attn.qkv": ("T", "transformer.h.{i}.attn.c_attn"),  # q, k, v fused too
     "decoder.blocks.{i}.attn.o": ("T", "transformer.h.{i}.attn.c_proj"),
     "decoder.blocks.{i}.mlp_norm": "transformer.h.{i}.ln_2",
     "decoder.blocks.{i}.mlp.up": ("T", "transformer.h.{i}.mlp.c_fc"),
@@ -222,24 +178,30 @@ DEBERTA_NAMES = {  # DebertaV2ForSequenceClassification
     "score": "classifier",
 }
 
-# Saved by some transformers versions, but not weights: GPT-2's causal-mask buffers, cached RoPE tables,
-# DeBERTa's position ids.
-IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq", "embeddings.position_ids")
+# Saved by some transformers versions but not weights: GPT-2's mask buffers, RoPE tables, DeBERTa's
+# position ids.
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq",
+                    "embeddings.position_ids")
 
 
 def hf_names(model):
-    """Each of our parameter names -> (its Hugging Face tensor names, how): how is None (copy), "T" or "cat",
-    as in the tables above."""
+    """Our parameter name -> (its Hugging Face tensor names, how: None (copy), "T" or "cat")."""
     table = {}
     cfg = model.config
-    for ours, theirs in (DEBERTA_NAMES if cfg.encoder else GPT2_NAMES if cfg.gpt2 else LLAMA_NAMES).items():
+    layout = LLAMA_NAMES
+    if cfg.encoder:
+        layout = DEBERTA_NAMES
+    elif cfg.gpt2:
+        layout = GPT2_NAMES
+    for ours, theirs in layout.items():
         how, theirs = (None, [theirs]) if isinstance(theirs, str) else (theirs[0], theirs[1:])
         for i in range(model.config.n_layer) if "{i}" in ours else [None]:
             table[ours.format(i=i)] = ([t.format(i=i) for t in theirs], how)
-    if model.config.arch == "LlamaRewardModel":  # UltraRM's own class names its head regression_head
+    if model.config.arch == "LlamaRewardModel":  # UltraRM's own class names it regression_head
         table["score"] = (["regression_head"], None)
-    modules = {name: name.rsplit(".", 1) for name in own_params(model)}  # name -> (module, weight or bias)
-    return {name: ([f"{t}.{suffix}" for t in table[m][0]], table[m][1]) for name, (m, suffix) in modules.items()}
+    modules = {name: name.rsplit(".", 1) for name in own_params(model)}  # (module, weight or bias)
+    return {name: ([f"{t}.{suffix}" for t in table[m][0]], table[m][1])
+            for name, (m, suffix) in modules.items()}
 
 
 def own_params(m):
@@ -261,9 +223,10 @@ def _read_json(path, what):
 
 
 def _weight_files(path, arch=None):
-    """Hugging Face name -> the safetensors file holding it (one file, or shards listed by an index). Every
-    file's header is read, so a missing, truncated or corrupt file, or an index naming a tensor its file does
-    not hold, is found here, before any tensor is loaded. arch: config.json's, for the conversion hint."""
+    """Hugging Face name -> the safetensors file holding it (one file, or shards listed by an
+    index). Every file's header is read, so a missing, truncated or corrupt file, or an index
+    naming a tensor its file lacks, is found before any tensor is loaded. arch: config.json's,
+    for the conversion hint."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         weight_map = _read_json(index, "weight index").get("weight_map")
@@ -271,14 +234,17 @@ def _weight_files(path, arch=None):
             raise ValueError(f"weight index {index} has no weight_map")
         files = {k: os.path.join(path, f) for k, f in weight_map.items()}
     elif os.path.exists(os.path.join(path, "model.safetensors")):
-        files = {k: os.path.join(path, "model.safetensors") for k in _tensor_names(os.path.join(path, "model.safetensors"))}
+        files = {k: os.path.join(path, "model.safetensors")
+                 for k in _tensor_names(os.path.join(path, "model.safetensors"))}
     else:
         pickled = [f for f in ("pytorch_model.bin", "pytorch_model.bin.index.json")
                    if os.path.exists(os.path.join(path, f))]
-        hint = (f"; it has {pickled[0]}: convert it once with transformers, e.g. python -c \"import transformers as t; "
-                f"t.{arch}.from_pretrained('{path}').save_pretrained('{path}')\""
-                if pickled and arch and arch != "LlamaRewardModel" else "")  # UltraRM's class is not in transformers
-        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in {path}{hint}")
+        hint = (f"; it has {pickled[0]}: convert it once with transformers, e.g. python -c "
+                f"\"import transformers as t; t.{arch}.from_pretrained('{path}')"
+                f".save_pretrained('{path}')\""
+                if pickled and arch and arch != "LlamaRewardModel" else "")  # UltraRM: not in it
+        raise FileNotFoundError(f"no model.safetensors or model.safetensors.index.json in "
+                                f"{path}{hint}")
     held = {f: _tensor_names(f) for f in set(files.values())}
     for k, f in files.items():
         if k not in held[f]:
@@ -293,26 +259,30 @@ def _tensor_names(file):
         with safe_open(file, framework="pt") as f:
             return set(f.keys())
     except Exception as e:  # safetensors' own error for a truncated or corrupt file
-        raise ValueError(f"weight file {file} is truncated or corrupt ({str(e).splitlines()[0]})") from None
+        raise ValueError(f"weight file {file} is truncated or corrupt "
+                         f"({str(e).splitlines()[0]})") from None
 
 
 def check_folder(path):
-    """What loading a checkpoint folder needs, checked without loading a tensor: config.json (a supported
-    model), every weight file's header, tokenizer.json. Returns its ModelConfig; errors name the file."""
+    """Check what loading the folder needs without loading a tensor: config.json (a supported
+    model), every weight file's header, tokenizer.json. Returns its ModelConfig; errors name the
+    file."""
     cfg = read_config(path)
     _weight_files(path, cfg.arch)
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
-        spm = [f for f in ("tokenizer.model", "spm.model") if os.path.exists(os.path.join(path, f))]  # spm: DeBERTa's
-        hint = (f"; it has a sentencepiece {spm[0]}: make tokenizer.json once with transformers, e.g. python -c "
-                f"\"from transformers import AutoTokenizer as T; T.from_pretrained('{path}').save_pretrained('{path}')\""
+        spm = [f for f in ("tokenizer.model", "spm.model") if os.path.exists(os.path.join(path, f))]
+        hint = (f"; it has a sentencepiece {spm[0]}: make tokenizer.json once with transformers, "
+                f"e.g. python -c \"from transformers import AutoTokenizer as T; "
+                f"T.from_pretrained('{path}').save_pretrained('{path}')\""
                 if spm else "")
         raise FileNotFoundError(f"no tokenizer.json in {path}{hint}")
     return cfg
 
 
 def default_dtype(hf, device):
-    """float32 on CPU (bf16 matmuls are hundreds of times slower there); the checkpoint's dtype elsewhere."""
-    return torch.float32 if device.type == "cpu" else getattr(torch, hf.get("dtype") or hf.get("torch_dtype") or "float32")
+    """float32 on CPU (bf16 matmuls are much slower there); the checkpoint's dtype elsewhere."""
+    return (torch.float32 if device.type == "cpu"
+            else getattr(torch, hf.get("dtype") or hf.get("torch_dtype") or "float32"))
 
 
 def read_config(path):
@@ -331,7 +301,7 @@ def read_config(path):
 
 
 def is_encoder(path):
-    """Whether the folder holds an encoder (a DeBERTa); False for anything unreadable, which check_folder reports."""
+    """Whether the folder holds an encoder (a DeBERTa); False if unreadable (check_folder tells)."""
     try:
         return read_config(path).encoder
     except (OSError, ValueError, TypeError):
@@ -344,7 +314,12 @@ def load_model(path, device=None, dtype=None):
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = dtype or default_dtype(cfg.hf, device)
     with torch.device("meta"):  # no time spent on a random init that the checkpoint overwrites
-        model = (EncoderRewardModel if cfg.encoder else RewardModel if cfg.reward else CausalLM)(cfg)
+        if cfg.encoder:
+            model = EncoderRewardModel(cfg)
+        elif cfg.reward:
+            model = RewardModel(cfg)
+        else:
+            model = CausalLM(cfg)
     model = model.to_empty(device=device).to(dtype)
     if not cfg.reward:
         model.tie_weights()  # to_empty makes a fresh tensor per module, so tie again
@@ -353,7 +328,8 @@ def load_model(path, device=None, dtype=None):
 
 
 def load_weights(model, path):
-    """Copy every weight from the checkpoint into model; any missing, unexpected or mis-shaped tensor is an error."""
+    """Copy every checkpoint weight into model; any missing, unexpected or mis-shaped tensor is an
+    error."""
     files = _weight_files(path, model.config.arch)
     names = hf_names(model)
     used, handles = set(), {}
@@ -371,32 +347,36 @@ def load_weights(model, path):
                 if t not in files:
                     raise ValueError(f"checkpoint {path} is missing tensor {t!r} (for {name})")
             ws = [read(t) for t in theirs]
-            ws = [w.t() if how == "T" and w.dim() == 2 else w for w in ws]  # GPT-2's Conv1D stores (in, out)
-            parts = model.get_submodule(name.rsplit(".", 1)[0]).parts if how == "cat" else [param.shape[0]]
+            ws = [w.t() if how == "T" and w.dim() == 2 else w for w in ws]  # Conv1D: (in, out)
+            parts = (model.get_submodule(name.rsplit(".", 1)[0]).parts if how == "cat"
+                     else [param.shape[0]])
             for t, w, n in zip(theirs, ws, parts):
                 if tuple(w.shape) != (n, *param.shape[1:]):
-                    raise ValueError(f"tensor {t!r} in {path} has shape {tuple(w.shape)}, expected {(n, *param.shape[1:])}")
+                    raise ValueError(f"tensor {t!r} in {path} has shape {tuple(w.shape)}, "
+                                     f"expected {(n, *param.shape[1:])}")
             param.copy_(torch.cat(ws))  # "cat": the parts stacked along the output dim
             used.update(theirs)
     skip = {"lm_head.weight"} if model.config.tie_embeddings else set()
-    if model.config.encoder:  # absolute positions a DeBERTa does not use, which transformers ignores too
+    if model.config.encoder:  # absolute positions a DeBERTa does not use; transformers ignores them
         skip.add("deberta.embeddings.position_embeddings.weight")
-    unexpected = [k for k in files if k not in used and k not in skip and not k.endswith(IGNORED_SUFFIXES)]
+    unexpected = [k for k in files
+                  if k not in used and k not in skip and not k.endswith(IGNORED_SUFFIXES)]
     if unexpected:
-        raise ValueError(f"checkpoint {path} has tensors this {model.config.arch} does not use: {unexpected[:5]}")
+        raise ValueError(f"checkpoint {path} has tensors this {model.config.arch} does not use: "
+                         f"{unexpected[:5]}")
 
 
 # ---- Saving, in the same Hugging Face format -----------------------------------------------------
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
-                   "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model",
-                   "spm.model", "added_tokens.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "spm.model", "added_tokens.json")
 
 
 def hf_tensors(model):
-    """Our weights under Hugging Face names, LoRA merged in, in the model's dtype: (name, CPU tensor) pairs,
-    one parameter at a time, in a fixed order. A parameter sharded across processes (FSDP2's DTensor) is
-    gathered first: then every process must call this, in step (only rank 0 needs the tensors)."""
+    """(Hugging Face name, CPU tensor) pairs in a fixed order, one parameter at a time, LoRA merged
+    in, in the model's dtype. A parameter sharded across processes (FSDP2's DTensor) is gathered
+    first, so every process calls this in step (only rank 0 needs the tensors)."""
     for name, (theirs, how) in hf_names(model).items():
         module = model.get_submodule(name.rsplit(".", 1)[0])
         w = model.get_parameter(name).detach()
@@ -409,14 +389,15 @@ def hf_tensors(model):
 
 
 def shard_plan(model, max_shard_size):
-    """Which Hugging Face tensors go in which file: lists of names, filled in order up to max_shard_size
-    bytes (a larger tensor gets a file of its own), planned from the shapes alone."""
+    """Which Hugging Face tensors go in which file: lists of names, filled in order up to
+    max_shard_size bytes (a larger tensor gets a file of its own), planned from the shapes."""
     plan, size = [[]], 0
     for name, (theirs, how) in hf_names(model).items():
         p = model.get_parameter(name)
         nbytes = p.numel() * p.element_size()
         if how == "cat":  # a fused parameter: each part's share of its rows
-            sizes = [nbytes // p.shape[0] * n for n in model.get_submodule(name.rsplit(".", 1)[0]).parts]
+            sizes = [nbytes // p.shape[0] * n
+                     for n in model.get_submodule(name.rsplit(".", 1)[0]).parts]
         else:
             sizes = [nbytes]
         for t, t_bytes in zip(theirs, sizes):
@@ -429,11 +410,12 @@ def shard_plan(model, max_shard_size):
 
 
 def save_model(model, path, max_shard_size=5 * 10**9):
-    """Write config.json, the weights and the source checkpoint's tokenizer files into path, as transformers
-    does: one model.safetensors, or past max_shard_size bytes shards model-0000i-of-0000n.safetensors and
-    model.safetensors.index.json. Streamed: one shard (and one tensor) at a time in memory. Under torchrun
-    with a sharded model every process calls this (to gather); rank 0 writes. An OSError in rank 0's writes
-    (a full disk) is raised after rank 0 has still joined every gather, so no process is left waiting."""
+    """Write config.json, the weights and the source checkpoint's tokenizer files into path, as
+    transformers does: one model.safetensors, or past max_shard_size bytes shards
+    model-0000i-of-0000n.safetensors and model.safetensors.index.json. Streamed: one shard (and one
+    tensor) at a time in memory. Under torchrun with a sharded model every process calls this (to
+    gather) and rank 0 writes. An OSError in rank 0's writes (a full disk) is raised after rank 0
+    has joined every gather, so no process is left waiting."""
     tensors = hf_tensors(model)
     try:
         _save_model(model, path, max_shard_size, tensors)
@@ -444,8 +426,8 @@ def save_model(model, path, max_shard_size=5 * 10**9):
 
 
 def write_weights(tensors, file):
-    """safetensors' save_file, a failed write raised as the OSError it is, naming the file (safetensors says
-    only "SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)")."""
+    """safetensors' save_file, with a failed write raised as an OSError naming the file (safetensors
+    says only "Error while serializing: I/O error: No space left on device (os error 28)")."""
     try:
         save_file(tensors, file, metadata={"format": "pt"})
     except SafetensorError as e:
@@ -461,18 +443,20 @@ def _save_model(model, path, max_shard_size, tensors):
     if not main and not any(hasattr(p, "full_tensor") for p in model.parameters()):
         return  # a whole model: rank 0 has it all
     plan = shard_plan(model, max_shard_size)
-    files = ["model.safetensors"] if len(plan) == 1 else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
-                                                           for i in range(len(plan))]
+    files = (["model.safetensors"] if len(plan) == 1
+             else [f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors" for i in range(len(plan))])
     if main:
         os.makedirs(path, exist_ok=True)
         hf = dict(cfg.hf)
         hf["architectures"] = [cfg.arch]
-        hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = str(next(model.parameters()).dtype).removeprefix("torch.")
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        hf["torch_dtype" if "torch_dtype" in hf else "dtype"] = dtype
         with open(os.path.join(path, "config.json"), "w") as f:
             json.dump(hf, f, indent=2, sort_keys=True)
         # Old weights in the folder would shadow or mix with the new ones on load.
         for name in os.listdir(path):
-            if name == "model.safetensors.index.json" or name.startswith("model") and name.endswith(".safetensors"):
+            if (name == "model.safetensors.index.json"
+                    or name.startswith("model") and name.endswith(".safetensors")):
                 os.remove(os.path.join(path, name))
     shard, done, total = {}, 0, 0
     for name, t in tensors:
@@ -483,7 +467,8 @@ def _save_model(model, path, max_shard_size, tensors):
                 write_weights(shard, os.path.join(path, files[done]))
             shard, done = {}, done + 1
     if main and len(plan) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": {t: files[i] for i, names in enumerate(plan) for t in names}}
+        index = {"metadata": {"total_size": total},
+                 "weight_map": {t: files[i] for i, names in enumerate(plan) for t in names}}
         with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
             json.dump(index, f, indent=2)
     if main and cfg.source and os.path.abspath(cfg.source) != os.path.abspath(path):

@@ -1,11 +1,11 @@
 """
 Text in, token ids out; token ids in, padded batches out; and the records a round passes along.
 
-The policy, the student and the teacher may each have their own tokenizer and prompt format. So the
-policy trains on the exact token ids it sampled (policy_batch), while every reward model gets the *text*
-of a response and tokenises it with its own tokenizer and format (reward_ids). Masks are always built from
-lengths, never from `ids != pad_id`: many models use their EOS id as the pad id, and a mask built from ids
-would hide the final EOS from the loss and the reward head.
+The policy, the student and the teacher may each have their own tokenizer and prompt format. So
+the policy trains on the exact token ids it sampled (policy_batch), while every reward model gets
+the *text* of a response and tokenises it with its own tokenizer and format (reward_ids). Masks
+are always built from lengths, never from `ids != pad_id`: many models use their EOS id as the pad
+id, and a mask built from ids would hide the final EOS from the loss and the reward head.
 
 Shapes: B batch (rows), T time (tokens per row, after padding).
 """
@@ -30,16 +30,17 @@ class Sample:
 
 @dataclass
 class Pair:
-    """A preference pair: for `prompt`, `chosen` is better than `rejected`. Mined pairs carry everything;
-    agreement and warm-up pairs have no token ids, the default world's oracle pairs no margin either.
-    As JSON (pairs.jsonl, base_eval.json) the fields keep this order and the absent (None) ones are left out."""
+    """A preference pair: for `prompt`, `chosen` is better than `rejected`. Mined pairs carry
+    everything; agreement and warm-up pairs have no token ids, the default world's oracle pairs no
+    margin either. As JSON (pairs.jsonl, base_eval.json) the fields keep this order and the absent
+    (None) ones are left out."""
     prompt: str
     chosen: str
     rejected: str
     chosen_finished: bool = True
     rejected_finished: bool = True
     margin: float | None = None      # how much the decider (teacher, or student) prefers chosen
-    chosen_ids: list | None = None   # the policy's own token ids of each response (what DPO trains on)
+    chosen_ids: list | None = None   # the policy's own ids of each response (what DPO trains on)
     rejected_ids: list | None = None
 
     def to_json(self):
@@ -49,7 +50,7 @@ class Pair:
 # ---- Tokenizer -----------------------------------------------------------------------------------
 
 def load_tokenizer(path):
-    """A `tokenizers.Tokenizer` from a checkpoint folder (reads its tokenizer.json) or a tokenizer.json file."""
+    """A `tokenizers.Tokenizer` from a checkpoint folder's tokenizer.json, or from that file."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"tokenizer path {path} does not exist")
@@ -65,22 +66,23 @@ def load_tokenizer(path):
 
 # ---- Prompt formats ------------------------------------------------------------------------------
 
-# name -> (template with {prompt}, special tokens it writes out, the token that ends an answer in this
-# format, or None: the model's EOS). Sampling adds that token to the model's stop ids.
+# name -> (template with {prompt}, special tokens it writes out, the token that ends an answer in
+# this format, or None: the model's EOS). Sampling adds that token to the model's stop ids.
 FORMATS = {
-    "chatml": ("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n", ["<|im_start|>", "<|im_end|>"],
-               "<|im_end|>"),
+    "chatml": ("<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n",
+               ["<|im_start|>", "<|im_end|>"], "<|im_end|>"),
     "llama3": ("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{prompt}<|eot_id|>"
                "<|start_header_id|>assistant<|end_header_id|>\n\n",
-               ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"], "<|eot_id|>"),
+               ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+               "<|eot_id|>"),
     # Stanford Alpaca's template for an instruction without an input field.
-    "alpaca": ("Below is an instruction that describes a task. Write a response that appropriately completes the "
-               "request.\n\n### Instruction:\n{prompt}\n\n### Response:\n", [], None),
+    "alpaca": ("Below is an instruction that describes a task. Write a response that appropriately "
+               "completes the request.\n\n### Instruction:\n{prompt}\n\n### Response:\n", [], None),
     # UltraRM (the paper's teacher): the template of its model card's usage code.
     "ultrarm": ("Human: {prompt}\n\nAssistant: ", [], None),
     # For base models. The newline keeps the answer from running on in the prompt's last line.
     "plain": ("{prompt}\n", [], None),
-    # The embedded default world (world.py): digits to sort between its own BOS and separator tokens.
+    # The embedded default world (world.py): digits to sort between its own BOS and separator.
     "digits": ("<bos> {prompt} <sep>", ["<bos>", "<sep>"], "<eos>"),
 }
 
@@ -94,7 +96,7 @@ def _format(name):
 def format_prompt(name, prompt):
     """The prompt text as the model should see it, ending where the assistant's answer begins."""
     template, _, _ = _format(name)
-    # TODO: special-token text inside a prompt (e.g. "<|im_end|>") is encoded as that token; not escaped.
+    # TODO: special-token text in a prompt (e.g. "<|im_end|>") is encoded as that token, unescaped.
     return template.replace("{prompt}", prompt)
 
 
@@ -103,14 +105,14 @@ def check_format(tokenizer, name):
     _, specials, _ = _format(name)
     missing = []
     for tok in specials:
-        # In the vocab is not enough: unless it is registered as an added token, the pre-tokenizer may still
-        # split its text into pieces. So we also check that encoding its text gives back that one id.
+        # In the vocab is not enough: unless it is registered as an added token, the pre-tokenizer
+        # may still split its text into pieces. So encoding its text must give back that one id.
         tok_id = tokenizer.token_to_id(tok)
         if tok_id is None or tokenizer.encode(tok, add_special_tokens=False).ids != [tok_id]:
             missing.append(tok)
     if missing:
-        raise ValueError(f"prompt format {name!r} needs special tokens this tokenizer lacks as single tokens: "
-                         f"{', '.join(missing)}")
+        raise ValueError(f"prompt format {name!r} needs special tokens this tokenizer lacks as "
+                         f"single tokens: {', '.join(missing)}")
 
 
 def encode_prompt(tokenizer, name, prompt):
@@ -122,33 +124,36 @@ def encode_prompt(tokenizer, name, prompt):
 
 
 def end_id(tokenizer, fmt, model_config):
-    """The token a finished response ends with, for this model: its format's end of turn, else its EOS."""
+    """The token a finished response ends with: the format's end of turn, else the model's EOS."""
     end = FORMATS[fmt][2]
     if end is not None:
         return tokenizer.token_to_id(end)
     if not model_config.stop_token_ids:
-        raise ValueError(f"{model_config.source}: config.json has no eos_token_id, and format {fmt!r} has no end token")
+        raise ValueError(f"{model_config.source}: config.json has no eos_token_id, and format "
+                         f"{fmt!r} has no end token")
     return model_config.stop_token_ids[0]
 
 
 def pad_id(model_config):
-    """The model's pad id: its own, else its first stop id (padding is masked, so any id would do)."""
-    return model_config.pad_token_id if model_config.pad_token_id is not None else (model_config.stop_token_ids or [0])[0]
+    """The model's pad id: its own, else its first stop id (padding is masked: any id would do)."""
+    if model_config.pad_token_id is not None:
+        return model_config.pad_token_id
+    return (model_config.stop_token_ids or [0])[0]
 
 
 # ---- Padding -------------------------------------------------------------------------------------
 
 def pad(seqs, pad_id, side="right"):
-    """Pad a list of int lists to one (B, T) long tensor of ids and a (B, T) long mask (1 on real tokens).
-    The mask comes from each row's length, so a real token equal to pad_id (an EOS when pad == eos) keeps
-    mask 1."""
+    """Pad a list of int lists to one (B, T) long tensor of ids and a (B, T) long mask (1 on real
+    tokens). The mask comes from each row's length, so a real token equal to pad_id (an EOS when
+    pad == eos) keeps mask 1."""
     if side not in ("left", "right"):
         raise ValueError(f"pad side must be 'left' or 'right', got {side!r}")
     if not seqs:
         raise ValueError("pad: no sequences to pad")
     lengths = [len(s) for s in seqs]
     if min(lengths) == 0:
-        # An empty row has no last real token, which breaks reward reading and left-padded positions.
+        # An empty row has no last real token: that breaks reward reading and left-padded positions.
         raise ValueError(f"pad: sequence {lengths.index(0)} is empty")
     B, T = len(seqs), max(lengths)
     ids = torch.full((B, T), pad_id, dtype=torch.long)  # (B, T)
@@ -169,13 +174,15 @@ def common_prefix(rows):
 
 
 def pack(rows, pad_id, groups=None, side="right"):
-    """Rows (int lists) in a (B, T) batch where rows that share a prefix compute it once: the rows whose key
-    in `groups` is equal (e.g. the K responses of one prompt; None: every row alone) fill one batch row with
-    their longest common prefix (branch 0), then each row's remaining tokens as its own branch (1, 2, ...).
-    A causal model given the branches (model.visible) computes each row exactly as it computes it alone.
+    """Rows (int lists) in a (B, T) batch where rows that share a prefix compute it once: the rows
+    whose key in `groups` is equal (e.g. the K responses of one prompt; None: every row alone) fill
+    one batch row with their longest common prefix (branch 0), then each row's remaining tokens as
+    its own branch (1, 2, ...). A causal model given the branches (model.visible) computes each row
+    exactly as it computes it alone.
 
-    Returns a dict of (B, T) long tensors input_ids, attention_mask and branch, and index (N, T_max): for
-    each row, in the given order, the flat indices (into B*T) of its tokens, -1 past its end."""
+    Returns a dict of (B, T) long tensors input_ids, attention_mask and branch, and index
+    (N, T_max): for each row, in the given order, the flat indices (into B*T) of its tokens, -1 past
+    its end."""
     keys = range(len(rows)) if groups is None else groups
     members = {}
     for i, key in enumerate(keys):
@@ -197,7 +204,8 @@ def pack(rows, pad_id, groups=None, side="right"):
     for i, (b, c) in enumerate(cols):
         shift = 0 if side == "right" else T - len(packed[b])
         index[i, :len(c)] = b * T + shift + torch.tensor(c, dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "branch": branch, "index": index}
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "branch": branch,
+            "index": index}
 
 
 def last_index(batch, rows):
@@ -208,74 +216,85 @@ def last_index(batch, rows):
 # ---- Policy batches: the policy's own token ids --------------------------------------------------
 
 def policy_batch(prompts, responses, pad_id, side="right", groups=None):
-    """Batch prompt + response ids (lists of int lists, never re-tokenised) for the policy's log-probs: a dict
-    of (B, T) long tensors input_ids, attention_mask, and, for the N response tokens, predict (N,) the flat
-    index (into B*T) of the position that predicts each, target (N,) the token and row (N,) its row, and
-    n_tokens (R,) their number per row (a row's first token has nothing before it to predict it: not counted).
+    """Batch prompt + response ids (lists of int lists, never re-tokenised) for the policy's
+    log-probs: a dict of (B, T) long tensors input_ids, attention_mask, and, for the N response
+    tokens, predict (N,) the flat index (into B*T) of the position that predicts each, target (N,)
+    the token and row (N,) its row, and n_tokens (R,) their number per row (a row's first token has
+    nothing before it to predict it: not counted).
 
-    groups: None, one row per (prompt, response), with response_mask (B, T), 1 exactly on the response; or
-    a key per row, and rows with equal keys share their common prefix (pack; the batch then has a branch)."""
+    groups: None, one row per (prompt, response), with response_mask (B, T), 1 exactly on the
+    response; or a key per row, and rows with equal keys share their common prefix (pack; the batch
+    then has a branch)."""
     assert len(prompts) == len(responses), f"{len(prompts)} prompts but {len(responses)} responses"
     rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
     batch = pack(rows, pad_id, groups, side)
-    at = [(i, j) for i, (p, row) in enumerate(zip(prompts, rows)) for j in range(max(1, len(p)), len(row))]
-    i, j = torch.tensor([i for i, _ in at], dtype=torch.long), torch.tensor([j for _, j in at], dtype=torch.long)
-    batch.update(predict=batch["index"][i, j - 1], target=batch["input_ids"].flatten()[batch["index"][i, j]], row=i,
+    at = [(i, j) for i, (p, row) in enumerate(zip(prompts, rows))
+          for j in range(max(1, len(p)), len(row))]  # (row, position) of each response token
+    i, j = (torch.tensor([i for i, _ in at], dtype=torch.long),
+            torch.tensor([j for _, j in at], dtype=torch.long))  # (N,) each
+    batch.update(predict=batch["index"][i, j - 1],
+                 target=batch["input_ids"].flatten()[batch["index"][i, j]], row=i,
                  n_tokens=torch.bincount(i, minlength=len(rows)))
     del batch["index"]
     if groups is None:
         del batch["branch"]  # every row alone: a plain batch
         flags = [[0] * len(p) + [1] * len(r) for p, r in zip(prompts, responses)]
-        batch["response_mask"], _ = pad(flags, 0, side)  # (B, T); same lengths, so it lines up with input_ids
+        batch["response_mask"], _ = pad(flags, 0, side)  # (B, T), lined up with input_ids
     return batch
 
 
 # ---- Reward batches: each reward model formats and tokenises the text itself ---------------------
 
 def response_text(tokenizer, ids, stop_ids):
-    """Decode a sampled response to (text, finished): cut at its first stop id, which is dropped; finished
-    says whether there was one. Only the response ids are searched, never the prompt, whose template may
-    hold the same token. Special tokens stay in the text, so nothing the policy wrote disappears unscored."""
+    """Decode a sampled response to (text, finished): cut at its first stop id, which is dropped;
+    finished says whether there was one. Only the response ids are searched, never the prompt, whose
+    template may hold the same token. Special tokens stay in the text, so nothing the policy wrote
+    disappears unscored."""
     stops = set(stop_ids)
     stop_at = next((i for i, t in enumerate(ids) if t in stops), None)
     return tokenizer.decode(list(ids)[:stop_at], skip_special_tokens=False), stop_at is not None
 
 
 def reward_ids(tokenizer, fmt, prompt, response, finished, eos_id):
-    """One reward-model row: formatted prompt ids + response ids (+ this model's EOS if it finished)."""
-    row = encode_prompt(tokenizer, fmt, prompt) + tokenizer.encode(response, add_special_tokens=False).ids
+    """One reward-model row: formatted prompt ids + response ids (+ the model's EOS if finished)."""
+    row = (encode_prompt(tokenizer, fmt, prompt)
+           + tokenizer.encode(response, add_special_tokens=False).ids)
     return row + [eos_id] if finished else row
 
 
 def pair_ids(tokenizer, prompt, response, max_len):
     """An encoder reward model's row: its tokenizer's pair encoding of (prompt, response), which the
-    post-processor in tokenizer.json builds ([CLS] prompt [SEP] response [SEP] for DeBERTa-v3). No prompt
-    format and no stop token: the encoder was trained on the bare pair. Longer than max_len tokens, the
-    response (the part being judged) is kept whole and the prompt is cut from its left, so its end, next to
-    the response, stays; a response too long alone keeps its beginning, and no prompt token is left."""
+    post-processor in tokenizer.json builds ([CLS] prompt [SEP] response [SEP] for DeBERTa-v3). No
+    prompt format and no stop token: the encoder was trained on the bare pair. Past max_len tokens,
+    the response (the part being judged) is kept whole and the prompt is cut from its left, so its
+    end, next to the response, stays; a response too long alone keeps its beginning, and no prompt
+    token is left."""
     prompt_enc = tokenizer.encode(prompt, add_special_tokens=False)
     response_enc = tokenizer.encode(response, add_special_tokens=False)
     room = max_len - tokenizer.post_processor.num_special_tokens_to_add(True)
     if len(prompt_enc.ids) + len(response_enc.ids) > room:
-        response_enc.truncate(room)                                           # keeps the beginning
-        prompt_enc.truncate(room - len(response_enc.ids), direction="left")   # keeps the end
+        response_enc.truncate(room)  # keeps the beginning
+        prompt_enc.truncate(room - len(response_enc.ids), direction="left")  # keeps the end
     return tokenizer.post_process(prompt_enc, response_enc).ids
 
 
 # ---- Prompt files --------------------------------------------------------------------------------
 
 def read_prompts(path):
-    """Prompts from a .jsonl file ({"prompt": ...} per line) or a .txt file (one per line). Blank lines skip."""
+    """Prompts from a .jsonl file ({"prompt": ...} per line) or a .txt file (one per line); blank
+    lines are skipped."""
     path = Path(path)
     if path.suffix not in (".jsonl", ".txt"):
-        raise ValueError(f"prompt file {path}: unknown extension {path.suffix!r}, expected .jsonl or .txt")
+        raise ValueError(f"prompt file {path}: unknown extension {path.suffix!r}, "
+                         "expected .jsonl or .txt")
     try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: drop the byte-order mark some editors write
+        text = path.read_text(encoding="utf-8-sig")  # -sig: drop a byte-order mark (some editors)
     except UnicodeDecodeError as e:
-        raise ValueError(f"prompt file {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise ValueError(f"prompt file {path}: not UTF-8 text "
+                         f"({e.reason} at byte {e.start})") from None
     prompts = []
-    # read_text has already turned \r\n into \n. We split on "\n" rather than use splitlines(), which
-    # also breaks on characters such as U+2028 that JSON allows unescaped inside a string.
+    # read_text has already turned \r\n into \n. Split on "\n", not with splitlines(), which also
+    # breaks on characters such as U+2028 that JSON allows unescaped inside a string.
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
@@ -295,18 +314,20 @@ def _jsonl_prompt(path, lineno, line):
         raise ValueError(f"{path} line {lineno}: expected an object with a \"prompt\" key")
     prompt = record["prompt"]
     if not isinstance(prompt, str) or not prompt.strip():
-        raise ValueError(f"{path} line {lineno}: \"prompt\" must be a non-empty string, got {prompt!r:.40}")
+        raise ValueError(f"{path} line {lineno}: \"prompt\" must be a non-empty string, "
+                         f"got {prompt!r:.40}")
     return prompt
 
 
 def split_prompts(prompts, n_eval, seed, eval_prompts=None):
-    """(training prompts, held-out prompts): the given held-out ones, or a fixed, seeded share of prompts
-    (at most n_eval, at most a fifth). A held-out prompt never enters training."""
+    """(training prompts, held-out prompts): the given held-out ones, or a fixed, seeded share of
+    prompts (at most n_eval, at most a fifth). A held-out prompt never enters training."""
     if eval_prompts is None:
         shuffled = random.Random(seed).sample(prompts, len(prompts))
         n = min(n_eval, len(shuffled) // 5)
         if n < 1:
-            raise ValueError(f"{len(prompts)} prompts are too few to hold some out; give --eval-prompts")
+            raise ValueError(f"{len(prompts)} prompts are too few to hold some out; "
+                             "give --eval-prompts")
         eval_prompts, prompts = shuffled[:n], shuffled[n:]
     held = set(eval_prompts)
     train = [p for p in prompts if p not in held]
@@ -316,16 +337,17 @@ def split_prompts(prompts, n_eval, seed, eval_prompts=None):
 
 
 def check_lengths(policy, scorers, prompts, max_new_tokens):
-    """A prompt that cannot fit with its response is an error now, not after an hour of work. policy and
-    scorers: objects with .tok, .fmt and a model (.lm or .m) with .config.max_positions."""
+    """A prompt that cannot fit with its response is an error now, not after an hour of work. policy
+    and scorers: objects with .tok, .fmt and a model (.lm or .m) with .config.max_positions."""
     for i, p in enumerate(prompts):
         n = len(encode_prompt(policy.tok, policy.fmt, p))
         if n + max_new_tokens > policy.lm.config.max_positions:
-            raise ValueError(f"prompt {i} ({p[:40]!r}...) has {n} tokens: with --max-new-tokens {max_new_tokens} it "
-                             f"exceeds the policy's context of {policy.lm.config.max_positions}")
+            raise ValueError(f"prompt {i} ({p[:40]!r}...) has {n} tokens: with --max-new-tokens "
+                             f"{max_new_tokens} it exceeds the policy's context of "
+                             f"{policy.lm.config.max_positions}")
         for s in scorers:  # an encoder ("pair") is exempt: pair_ids cuts its prompt to fit
             if s.judge or s.fmt == "pair":
                 continue
             if len(encode_prompt(s.tok, s.fmt, p)) + max_new_tokens + 1 > s.m.config.max_positions:
-                raise ValueError(f"prompt {i} ({p[:40]!r}...) with --max-new-tokens {max_new_tokens} exceeds the "
-                                 f"context of {s.m.config.source}")
+                raise ValueError(f"prompt {i} ({p[:40]!r}...) with --max-new-tokens "
+                                 f"{max_new_tokens} exceeds the context of {s.m.config.source}")

@@ -1,14 +1,16 @@
 """
-Sampling from a causal LM: a small pipeline on the last position's logits, and a batched loop with a KV cache.
+Sampling from a causal LM: a small pipeline on the last position's logits, and a batched loop with
+a KV cache.
 
-`sample_token` turns logits into next tokens (temperature 0: argmax; else temperature, top-k, top-p, one
-draw). `generate` left-pads many prompts to one length and fills the KV cache in one prefill, a row per
-prompt; its K samples then decode in that row as K branches that all read the prompt's keys and values
-(model.visible), a token a step. A sample that stops leaves: the next steps compute only the samples still
-running, and now and then the cache drops the stopped ones' slots, and the rows whose samples all stopped.
+`sample_token` turns logits into next tokens (temperature 0: argmax; else temperature, top-k,
+top-p, one draw). `generate` left-pads many prompts to one length and fills the KV cache in one
+prefill, a row per prompt; its K samples then decode in that row as K branches that all read the
+prompt's keys and values (model.visible), a token a step. A sample that stops leaves: the next
+steps compute only the samples still running, and now and then the cache drops the stopped ones'
+slots, and the rows whose samples all stopped.
 
-Shapes: P prompts, K samples per prompt, N = P * K samples, V vocab; the decoding grid is (rows, columns):
-a row per prompt still running, a column per sample.
+Shapes: P prompts, K samples per prompt, N = P * K samples, V vocab; the decoding grid is
+(rows, columns): a row per prompt still running, a column per sample.
 """
 import torch
 
@@ -21,15 +23,15 @@ NUCLEUS_TRIES = 3  # top-p draws from the full distribution before a row falls b
 
 
 def random_numbers(top_p):
-    """How many random numbers a row's draw takes: one, or with top-p one per try plus the fallback's."""
+    """Random numbers a row's draw takes: one, or with top-p one per try, one for the fallback."""
     return 1 if top_p is None or top_p >= 1 else NUCLEUS_TRIES + 1
 
 
 def sample_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None, u=None):
     """logits (B, V) -> next token ids (B,). Temperature 0 is argmax; otherwise temperature, then
-    top-k, then top-p (the smallest set of most probable tokens whose probability reaches top_p; Holtzman
-    et al. 2020), then a draw. u: the draw's random numbers in (0, 1], (B, random_numbers(top_p)); None
-    draws them from generator."""
+    top-k, then top-p (the smallest set of most probable tokens whose probability reaches top_p;
+    Holtzman et al. 2020), then a draw. u: the draw's random numbers in (0, 1],
+    (B, random_numbers(top_p)); None draws them from generator."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float()
@@ -41,7 +43,8 @@ def sample_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None
     probs = logits.softmax(-1)  # (B, V)
     cdf = probs.cumsum(-1)      # (B, V)
     if u is None:
-        u = 1.0 - torch.rand(len(probs), random_numbers(top_p), generator=generator, device=probs.device)
+        u = 1.0 - torch.rand(len(probs), random_numbers(top_p), generator=generator,
+                             device=probs.device)
     u = u.to(cdf)
     tok = draw(cdf, u[:, 0])    # (B,)
     if top_p is None or top_p >= 1:
@@ -50,15 +53,16 @@ def sample_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None
 
 
 def draw(cdf, u):
-    """Inverse-CDF draw: the first token whose cumulative probability reaches u * total, (B,). With u in
-    (0, 1], a token of probability zero is never drawn. One random number per row: torch.multinomial
-    draws one per vocabulary entry (90-120 ms a step for 64 rows of 49152 here)."""
+    """Inverse-CDF draw: the first token whose cumulative probability reaches u * total, (B,).
+    With u in (0, 1], a token of probability zero is never drawn. One random number per row, where
+    torch.multinomial draws one per vocabulary entry (slow for a large vocabulary)."""
     return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).squeeze(-1)
 
 
 def in_nucleus(probs, tok, top_p):
-    """Whether each row's token (B,) is in its top-p nucleus: the tokens ranked before it (more probable,
-    or as probable with a lower id, as a stable sort ranks them) hold less than top_p of the mass."""
+    """Whether each row's token (B,) is in its top-p nucleus: the tokens ranked before it (more
+    probable, or as probable with a lower id, as a stable sort ranks them) hold less than top_p of
+    the mass."""
     p = probs.gather(-1, tok[:, None])  # (B, 1)
     ids = torch.arange(probs.shape[-1], device=probs.device)
     before = (probs > p) | ((probs == p) & (ids < tok[:, None]))  # (B, V)
@@ -66,8 +70,8 @@ def in_nucleus(probs, tok, top_p):
 
 
 def nucleus(probs, cdf, tok, u, top_p):
-    """Top-p sampling without sorting the vocabulary (a sort of 64 x 49152 took ~150 ms a step here), by
-    rejection: a draw from the full distribution is kept if it is in the nucleus (then it follows the nucleus
+    """Top-p sampling by rejection, without sorting the vocabulary of every row at every step: a
+    draw from the full distribution is kept if it is in the nucleus (then it follows the nucleus
     distribution exactly; each try is kept with probability >= top_p). Rows still rejected after
     NUCLEUS_TRIES draw from the sorted nucleus with their last random number: exact too."""
     tok, todo = tok.clone(), ~in_nucleus(probs, tok, top_p)  # (B,), (B,)
@@ -90,41 +94,48 @@ def nucleus(probs, cdf, tok, u, top_p):
 
 def _check_sampling(prompts, max_new_tokens, temperature, top_k, top_p, num_samples, max_positions):
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("generate needs a non-empty list of non-empty prompts (lists of token ids)")
+        raise ValueError("generate needs a non-empty list of non-empty prompts "
+                         "(lists of token ids)")
     if max_new_tokens < 1 or num_samples < 1:
-        raise ValueError(f"max_new_tokens and num_samples must be >= 1, got {max_new_tokens} and {num_samples}")
-    if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
-        raise ValueError(f"need temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+        raise ValueError("max_new_tokens and num_samples must be >= 1, "
+                         f"got {max_new_tokens} and {num_samples}")
+    if (temperature < 0 or (top_k is not None and top_k < 1)
+            or (top_p is not None and not 0 < top_p <= 1)):
+        raise ValueError("need temperature >= 0, top_k >= 1, 0 < top_p <= 1; "
+                         f"got {temperature}, {top_k}, {top_p}")
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > max_positions:
-        raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                         f"context of {max_positions} positions")
+        raise ValueError(f"a prompt of {longest} tokens plus {max_new_tokens} new tokens exceeds "
+                         f"the model's context of {max_positions} positions")
 
 
-# ---- The loop: prefill once, then one token per step for every row still running -----------------
+# ---- The loop: prefill once, then one token per step for every row still running ---------------
 
 @torch.no_grad()
-def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None, eos_token_id=None,
-             generator=None, num_samples=1):
+def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=None,
+             eos_token_id=None, generator=None, num_samples=1):
     """Sample continuations of many prompts (lists of token ids, any lengths) in one batch.
 
-    Returns the new token ids of each sequence (len(prompts) * num_samples lists, prompt-major: prompt
-    i's samples at i*K .. i*K+K-1), each ending with its stop token if it stopped on one (so a list
-    whose last id is not a stop id was truncated at max_new_tokens). eos_token_id: an id, a list of ids
-    (e.g. lm.config.stop_token_ids) or None (never stop).
+    Returns the new token ids of each sequence (len(prompts) * num_samples lists, prompt-major:
+    prompt i's samples at i*K .. i*K+K-1), each ending with its stop token if it stopped on one (so
+    a list whose last id is not a stop id was truncated at max_new_tokens). eos_token_id: an id, a
+    list of ids (e.g. lm.config.stop_token_ids) or None (never stop).
 
-    generator: one torch.Generator for the batch, or one CPU generator per prompt, whose random numbers are
-    drawn up front: a prompt's samples then do not depend on the batch (or process) it lands in, nor on
-    when the samples beside them stop."""
+    generator: one torch.Generator for the batch, or one CPU generator per prompt, whose random
+    numbers are drawn up front: a prompt's samples then do not depend on the batch (or process) it
+    lands in, nor on when the samples beside them stop."""
     cfg = lm.config
-    _check_sampling(prompts, max_new_tokens, temperature, top_k, top_p, num_samples, cfg.max_positions)
+    _check_sampling(prompts, max_new_tokens, temperature, top_k, top_p, num_samples,
+                    cfg.max_positions)
     per_prompt = isinstance(generator, (list, tuple))
     if per_prompt and len(generator) != len(prompts):
-        raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts; give one per prompt")
-    stops = torch.tensor([] if eos_token_id is None else eos_token_id, dtype=torch.long).reshape(-1)  # (n_stops,)
+        raise ValueError(f"got {len(generator)} generators for {len(prompts)} prompts; "
+                         "give one per prompt")
+    stops = torch.tensor([] if eos_token_id is None else eos_token_id,
+                         dtype=torch.long).reshape(-1)  # (n_stops,)
     device = next(lm.parameters()).device
     P, K = len(prompts), num_samples
-    # Left-pad the prompts to one length: the prefill, one row per prompt, its last slot each prompt's end.
+    # Left-pad the prompts to one length: the prefill, a row per prompt ending in its last slot.
     Tp = max(len(p) for p in prompts)
     ids = torch.zeros(P, Tp, dtype=torch.long)
     mask = torch.zeros(P, Tp, dtype=torch.long)
@@ -134,20 +145,23 @@ def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
     ids, mask, stops = ids.to(device), mask.to(device), stops.to(device)
     # A prompt's row then holds its K samples as branches 1..K: each step adds one slot per sample.
     cache = KVCache(cfg, P, Tp + (max_new_tokens - 1) * K, device, next(lm.parameters()).dtype)
-    logits = lm(ids, mask, select="last", cache=cache)  # (P, V): the output layer on the last slot only
-    grid = torch.arange(P * K, device=device).view(P, K)  # (rows, columns): the sample each cell decodes, -1: none
-    logits = logits.repeat_interleave(K, 0)               # (N, V): the K samples of a prompt start alike
+    logits = lm(ids, mask, select="last", cache=cache)  # (P, V): the output layer on the last slot
+    # (rows, columns): the sample each cell decodes, -1: none
+    grid = torch.arange(P * K, device=device).view(P, K)
+    logits = logits.repeat_interleave(K, 0)  # (N, V): the K samples of a prompt start alike
     tokens = torch.zeros(P * K, max_new_tokens, dtype=torch.long, device=device)
     length = torch.zeros(P * K, dtype=torch.long, device=device)  # new tokens kept per sample
     done = torch.zeros(P * K, dtype=torch.bool, device=device)
     u = None
     if per_prompt and temperature > 0:  # (N, max_new_tokens, n): row i*K+k is sample k of prompt i
         n = random_numbers(top_p)
-        u = 1.0 - torch.cat([torch.rand(K, max_new_tokens, n, generator=g) for g in generator]).to(device)
-    live = torch.ones(P, K, dtype=torch.bool, device=device)  # (rows, columns): cells still decoding
+        u = 1.0 - torch.cat([torch.rand(K, max_new_tokens, n, generator=g)
+                             for g in generator]).to(device)
+    live = torch.ones(P, K, dtype=torch.bool, device=device)  # (rows, columns): cells decoding
     for t in range(max_new_tokens):
-        running = grid[live]                                   # (n,): the samples decoding, in cell order
-        nxt = sample_token(logits, temperature, top_k, top_p, generator, None if u is None else u[running, t])  # (n,)
+        running = grid[live]  # (n,): the samples decoding, in cell order
+        nxt = sample_token(logits, temperature, top_k, top_p, generator,
+                           None if u is None else u[running, t])  # (n,)
         tokens[running, t] = nxt
         length[running] += 1
         done[running] = torch.isin(nxt, stops)
@@ -155,25 +169,25 @@ def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
             break
         live = live & ~done[grid.clamp(min=0)]
         rows, columns = int(live.any(1).sum()), int(live.sum(1).max())
-        if 4 * rows * columns <= 3 * live.numel():  # the grid would lose a quarter of its cells: drop the stopped
+        if 4 * rows * columns <= 3 * live.numel():  # a quarter of the cells would go: drop them
             grid, live = _compact(cache, grid, live, max_new_tokens - 1 - t)
         step = torch.zeros_like(grid)
         step[live] = tokens[grid[live], t]
         branch = torch.arange(1, grid.shape[1] + 1, device=device).expand_as(grid)
-        logits = lm(step, live.long(), select=live, cache=cache, branch=branch)  # (n', V): live cells only
+        logits = lm(step, live.long(), select=live, cache=cache, branch=branch)  # (n', V)
     length = length.tolist()
     return [tokens[i, :length[i]].tolist() for i in range(P * K)]
 
 
 def _compact(cache, grid, live, steps):
-    """Drop the rows whose samples all stopped (their prompt with them), and in the others the stopped
-    samples' cells and slots; the live samples of a row move left, keeping their order. steps: the decoding
-    steps left, each of which needs a slot per column."""
+    """Drop the rows whose samples all stopped (their prompt with them), and in the others the
+    stopped samples' cells and slots; the live samples of a row move left, keeping their order.
+    steps: the decoding steps left, each of which needs a slot per column."""
     rows = live.any(1).nonzero().squeeze(1)                  # (P',)
     grid, live = grid[rows], live[rows]
     col = live.long().cumsum(1) - 1                          # (P', G): each live cell's new column
     G = int(live.sum(1).max())
-    new_branch = torch.where(live, col + 1, -1)              # old branch c+1 -> new branch, -1: dropped
+    new_branch = torch.where(live, col + 1, -1)              # old branch c+1 -> new, -1: dropped
     cache.keep(rows, torch.cat([torch.zeros_like(rows)[:, None], new_branch], 1), steps * G)
     new_grid = torch.full((len(rows), G), -1, dtype=grid.dtype, device=grid.device)
     new_grid[live.nonzero()[:, 0], col[live]] = grid[live]

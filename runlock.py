@@ -1,9 +1,9 @@
 """
-One run per run folder. A run holds a lock on its folder's .lock file for its whole life (process 0, under
-torchrun): a second run, or a --resume, on a folder in use is refused, naming the holder's process id and
-host. The lock is flock(2)'s: the operating system lets go of it when the process ends, however it ends, so
-a killed run never leaves a stale lock behind. Where the file system has no locks (ENOLCK, EOPNOTSUPP: some
-shared storage) a run says so and goes on without one.
+One run per run folder. A run holds a lock on its folder's .lock file for its whole life (process 0
+under torchrun): a second run, or a --resume, on a folder in use is refused, naming the holder's
+process id and host. The lock is flock(2)'s: the operating system releases it when the process
+ends, however it ends, so a killed run leaves no stale lock. Where the file system has no locks
+(ENOLCK, EOPNOTSUPP: some shared storage) a run says so and goes on without one.
 """
 import datetime
 import errno
@@ -19,9 +19,9 @@ class Refused(Exception):
 
 
 def new_folder(out):
-    """Create the run folder out and return it; with out None, a new dated folder under runs/. Made with
-    os.mkdir, which fails for all but one of two runs started in the same second: the other takes the next
-    name (its date and time, then an x)."""
+    """Create the run folder out and return it; with out None, a new dated folder under runs/.
+    os.mkdir fails for the second of two runs started in the same second: it takes the next name
+    (the date and time, then an x)."""
     try:
         if out is not None:
             os.makedirs(out, exist_ok=True)
@@ -52,14 +52,15 @@ def lock(out):
         if f:
             f.close()
         if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):
-            print(f"tsalign: warning: {path}: this file system does not support locks ({e.strerror}); nothing "
-                  f"keeps a second run out of {out}", file=sys.stderr)
+            print(f"tsalign: warning: {path}: this file system does not support locks "
+                  f"({e.strerror}); nothing keeps a second run out of {out}", file=sys.stderr)
             return
         if not isinstance(e, BlockingIOError):
             raise Refused(f"cannot lock the run folder: {path} ({e.strerror or e})") from None
         with open(path) as f:
             who = f.read().strip() or "just starting"
-        raise Refused(f"{out} is in use by another run ({who}); wait for it to end, or choose another --out") from None
+        raise Refused(f"{out} is in use by another run ({who}); wait for it to end, "
+                      "or choose another --out") from None
     with suppress(OSError):  # who holds it, for a second run to name (on a full disk: unnamed)
         f.truncate(0)
         f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -68,7 +69,7 @@ def lock(out):
 
 
 def unlock():
-    """Let go of the folder (at the end of main, so that a later run in this process may take it)."""
+    """Release the folder (at the end of main, so that a later run in this process may take it)."""
     global _held
     if _held is not None:
         _held.close()

@@ -1,25 +1,28 @@
 """
-The embedded default world: a task small enough to measure everything, built by code on first use.
+The embedded default world: a task small enough to measure everything, built by code.
 
 Task: sort 4-7 digits. A prompt is "3 1 4 1 5", the right answer "1 1 3 4 5".
-Oracle: the share of positions that match the sorted answer, over the longer of the two (partial credit;
-a wrong length costs). It plays the paper's GPT-4 judge: it builds the world and grades evaluations, and
-never gives a training signal inside the rounds.
+Oracle: the share of positions that match the sorted answer, over the longer of the two (partial
+credit; a wrong length costs). It plays the paper's GPT-4 judge: it builds the world and grades
+evaluations, and never gives a training signal inside the rounds.
 
-Why this world shows what the paper claims (a prototype measured it before it was built):
-- The base policy is SFT on demonstrations whose *mode is wrong*: most of them drop the largest digit.
-  Greedy decoding copies the flaw, while samples still hold right answers: there is room to improve, and
-  the K samples contain the fix. (With random corruption only, the right token stays the most likely one
-  at every step: the prototype's base policy was 99% right greedily, and nothing could beat it.)
-- The teacher (the largest reward model, initialised from the base policy) is trained on many oracle
-  pairs: good, not perfect. The student (much smaller) is trained on few: weak. Student-only selection
-  lets the policy game the weak student; the teacher's verdict keeps it honest.
+Why this world shows what the paper claims:
+- The base policy is SFT on demonstrations whose *mode is wrong*: most of them drop the largest
+  digit. Greedy decoding copies the flaw, while samples still hold right answers: there is room to
+  improve, and the K samples contain the fix. (With random corruption only, the right token stays
+  the most likely one at every step: greedy decoding is then almost always right, and nothing can
+  beat it.)
+- The teacher (the largest reward model, initialised from the base policy) is trained on many
+  oracle pairs: good, not perfect. The student (much smaller) is trained on few: weak.
+  Student-only selection lets the policy game the weak student; the teacher's verdict keeps it
+  honest.
 
-The three models are ordinary Hugging Face checkpoints with a word-level tokenizer. They ship with the
-repository (default_world/, under 1 MB), so every machine runs on the same weights and nothing is built on
-first use. `build` makes them again: `python world.py DIR`, or `--rebuild-world`, which builds into the user's
-cache and never over the shipped files. A rebuild is close to the shipped world, not equal to it: the build
-trains, and matrix kernels differ between CPU kinds in their last bits.
+The three models are ordinary Hugging Face checkpoints with a word-level tokenizer. They ship with
+the repository (default_world/, under 1 MB), so every machine runs on the same weights and nothing
+is built on first use. `build` makes them again: `python world.py DIR`, or `--rebuild-world`,
+which builds into the user's cache and never over the shipped files. A rebuild is close to the
+shipped world, not equal to it: the build trains, and matrix kernels differ between CPU kinds in
+their last bits.
 """
 import json
 import os
@@ -37,13 +40,15 @@ from checkpoint import config_from_hf, save_model
 from data import Pair
 from generate import generate
 
-# ---- Settings (world.json records those the shipped world was built with) -----------------------
+# ---- Settings (world.json records those the shipped world was built with) ----------------------
 
 SETTINGS = dict(
     min_len=4, max_len=7,
-    flawed=0.65, noisy=0.10,             # demonstrations: largest digit dropped / random corruption / rest correct
-    policy=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=192),
-    student=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64),
+    flawed=0.65, noisy=0.10,  # demonstrations: largest digit dropped / randomly corrupted / right
+    policy=dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                intermediate_size=192),
+    student=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                 intermediate_size=64),
     sft_examples=64_000, sft_lr=3e-3,    # base policy
     student_sft_examples=16_000,         # the student's language model, before its reward head
     teacher_pairs=6_000, teacher_synthetic_pairs=6_000, teacher_lr=2e-3, teacher_epochs=3,
@@ -92,7 +97,8 @@ def oracle(prompt, response):
 
 
 def with_mistake(digits, kinds, rng):
-    """The sorted digits with one mistake of a kind drawn from kinds (a swap of equal digits changes nothing)."""
+    """The sorted digits with one mistake of a kind drawn from kinds (a swap of equal digits changes
+    nothing)."""
     digits = list(digits)
     kind = rng.choice(kinds)
     i = rng.randrange(len(digits) - 1 if kind == "swap" else len(digits))  # swap i and i + 1
@@ -112,7 +118,7 @@ def with_mistake(digits, kinds, rng):
 
 
 def demonstration(prompt, rng):
-    """An imperfect demonstration. The dominant flaw (drop the largest digit) becomes the SFT mode."""
+    """An imperfect demonstration; the dominant flaw (the largest digit dropped) is the SFT mode."""
     digits = sorted(prompt.split())
     u = rng.random()
     if u < SETTINGS["flawed"]:
@@ -123,14 +129,15 @@ def demonstration(prompt, rng):
 
 
 def corrupted_pair(rng):
-    """Two answers to one prompt, each right or with one mistake of any kind, that the oracle tells apart:
-    base-policy samples mostly show the dropped digit, and these keep the teacher from learning "longer is
-    better", so it stays reliable when the policy's answers are nearly right."""
+    """Two answers to one prompt, each right or with one mistake of any kind, that the oracle tells
+    apart: base-policy samples mostly show the dropped digit, and these keep the teacher from
+    learning "longer is better", so it stays reliable when the policy's answers are nearly right."""
     kinds = ["drop_largest", "swap", "replace", "drop", "duplicate", "insert"]
     while True:
         p = random_prompt(rng)
         right = sorted(p.split())
-        a, b = (" ".join(right if rng.random() < 0.3 else with_mistake(right, kinds, rng)) for _ in range(2))
+        a, b = (" ".join(right if rng.random() < 0.3 else with_mistake(right, kinds, rng))
+                for _ in range(2))
         if a != b and oracle(p, a) != oracle(p, b):
             return Pair(p, a, b) if oracle(p, a) > oracle(p, b) else Pair(p, b, a)
 
@@ -144,10 +151,12 @@ def make_tokenizer():
 
 
 def hf_config(arch, sizes, tok):
-    return dict(architectures=[arch], model_type="llama", vocab_size=tok.get_vocab_size(), hidden_act="silu",
-                max_position_embeddings=32, rms_norm_eps=1e-6, rope_theta=10000.0, tie_word_embeddings=True,
+    return dict(architectures=[arch], model_type="llama", vocab_size=tok.get_vocab_size(),
+                hidden_act="silu", max_position_embeddings=32, rms_norm_eps=1e-6,
+                rope_theta=10000.0, tie_word_embeddings=True,
                 bos_token_id=tok.token_to_id("<bos>"), eos_token_id=tok.token_to_id("<eos>"),
-                pad_token_id=tok.token_to_id("<pad>"), initializer_range=0.02, torch_dtype="float32", **sizes)
+                pad_token_id=tok.token_to_id("<pad>"), initializer_range=0.02,
+                torch_dtype="float32", **sizes)
 
 
 def fresh_lm(sizes, tok, seed):
@@ -168,14 +177,16 @@ def build_policy(tok, rng, examples, seed, lr, sizes, desc):
     for _ in range(examples):
         p = random_prompt(rng)
         ex.append((data.encode_prompt(tok, FORMAT, p),
-                   tok.encode(demonstration(p, rng), add_special_tokens=False).ids + [tok.token_to_id("<eos>")]))
-    tc = train_loop.TrainConfig(lr=lr, batch_size=256, warmup=0.05, weight_decay=0.01, seed=seed, desc=desc)
+                   tok.encode(demonstration(p, rng), add_special_tokens=False).ids
+                   + [tok.token_to_id("<eos>")]))
+    tc = train_loop.TrainConfig(lr=lr, batch_size=256, warmup=0.05, weight_decay=0.01, seed=seed,
+                                desc=desc)
     train_loop.train_sft(lm, ex, tok.token_to_id("<pad>"), tc)
     return lm
 
 
 def oracle_pairs(lm, tok, rng, n, seed):
-    """n Pairs of distinct base-policy samples whose oracle scores differ, labelled by the oracle."""
+    """n Pairs of distinct base-policy samples whose oracle scores differ, ordered by the oracle."""
     eos = tok.token_to_id("<eos>")
     pairs, gen = [], torch.Generator().manual_seed(seed)
     while len(pairs) < n:
@@ -184,7 +195,7 @@ def oracle_pairs(lm, tok, rng, n, seed):
                         temperature=1.0, eos_token_id=eos, generator=gen, num_samples=2)
         for i, p in enumerate(prompts):
             (a, fa), (b, fb) = (data.response_text(tok, o, [eos]) for o in outs[2 * i:2 * i + 2])
-            sa, sb = oracle(p, a) + fa, oracle(p, b) + fb  # a truncated answer loses to a finished one
+            sa, sb = oracle(p, a) + fa, oracle(p, b) + fb  # a finished answer beats a truncated one
             if a != b and sa != sb:
                 pairs.append(Pair(p, a, b, fa, fb) if sa > sb else Pair(p, b, a, fb, fa))
     return pairs[:n]
@@ -193,7 +204,8 @@ def oracle_pairs(lm, tok, rng, n, seed):
 def reward_rows(tok, pairs):
     eos = tok.token_to_id("<eos>")
     return [(data.reward_ids(tok, FORMAT, p.prompt, p.chosen, p.chosen_finished, eos),
-             data.reward_ids(tok, FORMAT, p.prompt, p.rejected, p.rejected_finished, eos)) for p in pairs]
+             data.reward_ids(tok, FORMAT, p.prompt, p.rejected, p.rejected_finished, eos))
+            for p in pairs]
 
 
 def build_reward(lm, tok, pairs, lr, epochs, seed, desc):
@@ -215,14 +227,15 @@ def build(folder):
     rng = random.Random(S["seed"])
     torch.manual_seed(S["seed"])
     tok = make_tokenizer()
-    policy = build_policy(tok, rng, S["sft_examples"], S["seed"], S["sft_lr"], S["policy"], "world: base policy (SFT)")
+    policy = build_policy(tok, rng, S["sft_examples"], S["seed"], S["sft_lr"], S["policy"],
+                          "world: base policy (SFT)")
     teacher_pairs = oracle_pairs(policy, tok, rng, S["teacher_pairs"] + 1000, S["seed"] + 1)
     held_out = teacher_pairs[S["teacher_pairs"]:]
     synthetic = [corrupted_pair(rng) for _ in range(S["teacher_synthetic_pairs"])]
-    teacher = build_reward(policy, tok, teacher_pairs[:S["teacher_pairs"]] + synthetic, S["teacher_lr"],
-                           S["teacher_epochs"], S["seed"] + 2, "world: teacher")
-    student_lm = build_policy(tok, rng, S["student_sft_examples"], S["seed"] + 3, S["sft_lr"], S["student"],
-                              "world: student LM (SFT)")
+    teacher = build_reward(policy, tok, teacher_pairs[:S["teacher_pairs"]] + synthetic,
+                           S["teacher_lr"], S["teacher_epochs"], S["seed"] + 2, "world: teacher")
+    student_lm = build_policy(tok, rng, S["student_sft_examples"], S["seed"] + 3, S["sft_lr"],
+                              S["student"], "world: student LM (SFT)")
     student = build_reward(student_lm, tok, teacher_pairs[:S["student_pairs"]], S["student_lr"],
                            S["student_epochs"], S["seed"] + 4, "world: student")
     info = {"teacher_accuracy": pair_accuracy(teacher, tok, held_out),
@@ -242,12 +255,13 @@ SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_worl
 
 def cache_folder():
     """Where --rebuild-world builds: ~/.cache/tsalign/world (or under $XDG_CACHE_HOME)."""
-    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "tsalign", "world")
+    return os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"),
+                        "tsalign", "world")
 
 
 def rebuild():
-    """Build a world now into cache_folder(), replacing the one there whole (an interrupted build leaves the
-    previous one in place). The shipped world is never touched."""
+    """Build a world now into cache_folder(), replacing the one there whole (an interrupted build
+    leaves the previous one in place). The shipped world is never touched."""
     target = cache_folder()
     os.makedirs(os.path.dirname(target), exist_ok=True)
     tmp = tempfile.mkdtemp(dir=os.path.dirname(target), prefix=".building-")
@@ -259,10 +273,11 @@ def rebuild():
     return target
 
 
-if __name__ == "__main__":  # python world.py DIR: build a world into DIR (never over the shipped one)
+if __name__ == "__main__":  # python world.py DIR: build a world into DIR (not over the shipped one)
     import sys
     if len(sys.argv) != 2 or os.path.abspath(sys.argv[1]) == SHIPPED:
-        sys.exit("usage: python world.py DIR  (a new folder for the built world; not default_world/)")
+        sys.exit("usage: python world.py DIR  "
+                 "(a new folder for the built world; not default_world/)")
     if os.path.exists(sys.argv[1]):
         sys.exit(f"world.py: {sys.argv[1]} exists; give a new folder")
     os.makedirs(sys.argv[1])
