@@ -35,109 +35,44 @@ import data
 import evaluate
 import report
 import runlock
-import train_loop
-from checkpoint import check_folder, is_encoder, load_model, read_config, save_model
+import parallel
+from checkpoint import check_folder, load_model, read_config, save_model
+from config import fail
 from data import Pair, Sample
-from evaluate import load_scorer
-from model import CausalLM
+from roles import Policy, Scorer, load_policy, load_scorer
 
-# ---- The options: ranges checked before any work -------------------------------------------------
+# ---- Starting: the process group and the run folder ---------------------------------------------
 
 def say(*a, **kw):  # print, on rank 0 only (under torchrun every process runs the loop)
-    if train_loop.is_main():
+    if parallel.is_main():
         print(*a, **kw)
 
 
-def fail(msg):  # a user's mistake: one line on stderr, exit status 2
-    print(f"tsalign: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check(args):
-    """fail() on the first option out of range or missing; fill in the scorers' prompt formats."""
-    least = {"rounds": 1, "k": 2, **dict.fromkeys(("prompts_per_round", "max_new_tokens", "epochs", "batch_size",
-                                                   "student_epochs", "eval_count", "sample_batch"), 1)}
-    for name, low in least.items():
-        if getattr(args, name) < low:
-            fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    for name in ("beta", "lr", "student_lr", "temperature"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.fsdp and "LOCAL_RANK" not in os.environ:
-        fail("--fsdp shards the models across torchrun's processes: start the run with torchrun "
-             "(torchrun --standalone --nproc_per_node N tsalign.py ... --fsdp)")
-    if args.fsdp and (args.lora_rank or args.student_lora_rank or args.reference == "sft"):
-        fail("--fsdp does not take --lora-rank, --student-lora-rank or --reference sft: adapters are added and merged "
-             "every round, which a sharded model cannot take, and the sft reference would be a full copy per process")
-    if args.max_shard_size <= 0:
-        fail(f"--max-shard-size must be positive, got {args.max_shard_size}")
-    if not 0 <= args.label_smoothing < 0.5 or args.min_margin < 0 or args.student_margin < 0:
-        fail("need 0 <= --label-smoothing < 0.5, --min-margin >= 0 and --student-margin >= 0")
-    for name in ("rdpo_alpha", "length_penalty", "student_length_penalty"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.rdpo_alpha > 0 and args.loss_type != "sigmoid":
-        fail("--rdpo-alpha is a term of the sigmoid DPO loss; it does not apply to --loss-type ipo")
-    if args.length_penalty > 0 and args.teacher_judge:
-        fail("--length-penalty subtracts from the teacher's scores, and an LLM judge (--teacher-judge) gives none")
-    missing = [n for n in ("student", "teacher", "prompts", "prompt_format") if getattr(args, n) is None]
-    if args.policy is not None and missing:
-        fail(f"with --policy, also give {', '.join('--' + m.replace('_', '-') for m in missing)}")
-    if args.policy is not None and args.rebuild_world:
-        fail("--rebuild-world is for the default world; with --policy there is no world to build")
-    if args.policy is None:  # the default world draws its own prompts and is judged by its oracle
-        import world
-        given = [n for n in ("prompts", "eval_prompts", "judge", "teacher_judge") if getattr(args, n)]
-        given += [n for n in ("prompt_format", "student_format", "teacher_format") if getattr(args, n) not in
-                  (None, world.FORMAT)]
-        if given:
-            fail(f"{', '.join('--' + n.replace('_', '-') for n in given)}: for real checkpoints (with --policy); "
-                 f"the default world has its own prompts, format ({world.FORMAT}) and oracle")
-        args.prompt_format = world.FORMAT
-    for name in ("prompt_format", "student_format", "teacher_format"):
-        if getattr(args, name) not in (None, *data.FORMATS):
-            fail(f"unknown prompt format {getattr(args, name)!r} for --{name.replace('_', '-')}; "
-                 f"known: {', '.join(data.FORMATS)}")
-    if args.student and is_encoder(args.student):  # it reads the bare (prompt, response) pair: data.pair_ids
-        if args.student_format:
-            fail(f"--student-format: the student {args.student} is an encoder reward model, which reads its "
-                 f"tokenizer's pair encoding of (prompt, response), not a prompt format; leave the option out")
-        args.student_format = "pair"
-    args.student_format = args.student_format or args.prompt_format
-    args.teacher_format = args.teacher_format or args.prompt_format
+def start(args, explicit):
+    """Join torchrun's process group (each process its own device), then rank 0 opens (and locks) the run
+    folder, or reads the run to resume (open_run), and every process takes the options it settled."""
+    device = parallel.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+                                       args.fsdp)
+    if parallel.is_main():
+        try:
+            args = open_run(args, explicit)
+        except SystemExit as e:  # refused, in one line: every process leaves with its status
+            args = e
+    args = parallel.broadcast(args)
+    if isinstance(args, SystemExit):
+        sys.exit(args.code)
+    args.device = device  # each process its own
+    return args
 
 
 # ---- Setup: the three models, the prompts, the evaluator -----------------------------------------
 
 @dataclass
-class Policy:
-    """The policy with what sampling text needs: its tokenizer, prompt format, stop ids and pad id."""
-    lm: CausalLM
-    tok: object    # its tokenizers.Tokenizer
-    fmt: str       # its prompt format (data.FORMATS)
-    stops: list    # every id that ends a response: the config's stop ids and the format's end of turn
-    pad: int
-
-    def encode(self, prompt):
-        return data.encode_prompt(self.tok, self.fmt, prompt)
-
-
-def load_policy(path, fmt, device=None):
-    """A causal LM checkpoint, its tokenizer and prompt format, as a Policy."""
-    lm = load_model(path, device)
-    if lm.config.reward:
-        raise ValueError(f"policy {path} is a reward model ({lm.config.arch}); it must be a causal LM")
-    tok = data.load_tokenizer(path)
-    data.check_format(tok, fmt)
-    end, stops = data.end_id(tok, fmt, lm.config), list(lm.config.stop_token_ids)
-    return Policy(lm, tok, fmt, stops + [end] if end not in stops else stops, data.pad_id(lm.config))
-
-
-@dataclass
 class Setup:
+    """The roles of the run, the prompts, and the judge of the win rate."""
     policy: Policy
-    student: evaluate.Scorer
-    teacher: evaluate.Scorer
+    student: Scorer
+    teacher: Scorer
     evaluator: evaluate.Evaluator
     base_dir: str               # the original policy's checkpoint
     train_prompts: list | None  # None: the world draws fresh prompts every round
@@ -149,47 +84,45 @@ class Setup:
 
 
 def setup(args, eval_seed):
-    """Load the three models (the world's, built on first use, or the checkpoints given), read and split
-    the prompts, and choose the judge of the win rate. Raises ValueError or FileNotFoundError."""
-    for d in (args.policy, args.student, args.teacher, args.judge):  # every checkpoint's files, before loading any
+    """Load the three models (the world's, or the checkpoints given), read and split the prompts, and
+    choose the judge of the win rate. Raises ValueError or FileNotFoundError."""
+    for d in (args.policy, args.student, args.teacher, args.judge):  # each one's files, before loading
         if d:
             check_folder(d)
     if args.policy is None:
         import world
         torch.set_num_threads(1)  # tiny models: two OpenMP threads would spin against each other
-        if args.rebuild_world and train_loop.is_main():  # rank 0 builds; the others wait, then read it
-            world.rebuild()
-        train_loop.barrier()
+        if args.rebuild_world:  # rank 0 builds; the others wait, then read it
+            parallel.alone(world.rebuild)
         built = world.cache_folder() if args.rebuild_world else world.SHIPPED
         # --student, --teacher: another student or teacher in the world (a distilled student, for one)
         dirs = [os.path.join(built, "policy"), args.student or os.path.join(built, "student"),
                 args.teacher or os.path.join(built, "teacher")]
         rng, n = random.Random(eval_seed), args.eval_count
-        train, held = None, list(dict.fromkeys(world.random_prompt(rng) for _ in range(2 * n)))[:n]
+        train_prompts = None
+        held = list(dict.fromkeys(world.random_prompt(rng) for _ in range(2 * n)))[:n]
     else:
         world, dirs = None, [args.policy, args.student, args.teacher]
-        train, held = data.split_prompts(data.read_prompts(args.prompts), args.eval_count, args.seed,
-                                         data.read_prompts(args.eval_prompts) if args.eval_prompts else None)
+        given = data.read_prompts(args.eval_prompts) if args.eval_prompts else None
+        train_prompts, held = data.split_prompts(data.read_prompts(args.prompts), args.eval_count,
+                                                 args.seed, given)
     policy = load_policy(dirs[0], args.prompt_format, args.device)
     student = load_scorer(dirs[1], args.student_format, args.device, reward_head=True)
-    teacher = load_scorer(dirs[2], args.teacher_format, args.device, args.teacher_judge, args.judge_min_mass)
+    teacher = load_scorer(dirs[2], args.teacher_format, args.device, args.teacher_judge,
+                          args.judge_min_mass)
     if world is not None:
         evaluator = evaluate.Evaluator("oracle", oracle=world.oracle)
     elif args.judge:  # a reward model scores; a causal LM is asked to compare
-        evaluator = evaluate.Evaluator("judge", judge=load_scorer(args.judge, args.teacher_format, args.device,
-                                                                  not read_config(args.judge).reward, args.judge_min_mass))
+        judge = load_scorer(args.judge, args.teacher_format, args.device,
+                            not read_config(args.judge).reward, args.judge_min_mass)
+        evaluator = evaluate.Evaluator("judge", judge=judge)
     else:
         evaluator = evaluate.Evaluator("teacher", judge=teacher)
-    data.check_lengths(policy, [student, teacher], (train or []) + held, args.max_new_tokens)
-    policy.lm, student.m = place(policy.lm, args.fsdp), place(student.m, args.fsdp)
-    return Setup(policy, student, teacher, evaluator, dirs[0], train, held, args.device, world,
+    data.check_lengths(policy, [student, teacher], (train_prompts or []) + held, args.max_new_tokens)
+    policy.model = parallel.place(policy.model, args.fsdp)
+    student.model = parallel.place(student.model, args.fsdp)
+    return Setup(policy, student, teacher, evaluator, dirs[0], train_prompts, held, args.device, world,
                  world.oracle if world else None, args.max_shard_size * 1e9)
-
-
-def place(model, fsdp):
-    """A model that trains, as the run holds it: sharded across the processes under --fsdp (the teacher and
-    any judge stay whole on every process: they only score, and may do unequal work per process)."""
-    return train_loop.shard(model) if fsdp else model
 
 
 def round_prompts(S, n, seed):
@@ -245,12 +178,13 @@ class SaveFailed(Exception):
     """A write to the run folder failed (a full disk, a quota, a lost mount): its one line, on every process."""
 
 
-def commit_round(out, r, write):
-    """Call write(folder) on a temporary folder, then rename it to round_r: a crash leaves no half round.
+def commit_round(out, r, write, *args):
+    """Call write(folder, *args) on a temporary folder, then rename it to round_r: a crash leaves no half
+    round.
     Then rebuild metrics.jsonl and report.html from every finished round. Under torchrun every process calls
     this (sharded checkpoints are gathered by all of them); rank 0 writes. An OSError there: the partial
     folder goes, and every process raises SaveFailed with the same line."""
-    tmp, main, error = os.path.join(out, f".round_{r}.tmp"), train_loop.is_main(), None
+    tmp, main, error = os.path.join(out, f".round_{r}.tmp"), parallel.is_main(), None
     try:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -258,7 +192,7 @@ def commit_round(out, r, write):
     except OSError as e:
         error = e
     try:
-        write(tmp)  # even after a failed makedirs: under --fsdp the others gather each weight with rank 0
+        write(tmp, *args)  # even after a failed makedirs: under --fsdp the others gather each weight with rank 0
         if main and not error:
             os.replace(tmp, os.path.join(out, f"round_{r}"))  # round_r is absent: --resume checked the folder
     except OSError as e:
@@ -272,7 +206,7 @@ def commit_round(out, r, write):
 
 def agree(message):
     """Rank 0's line about a failed write, on every process (a collective): each raises SaveFailed with it."""
-    message = train_loop.broadcast(message)
+    message = parallel.broadcast(message)
     if message:
         raise SaveFailed(message)
 
@@ -313,7 +247,7 @@ def resume_command(out):
 def write_config(args):
     """config.json (rank 0); on --resume metrics.jsonl and report.html are rebuilt too. SaveFailed on a failure."""
     message, path = None, os.path.join(args.out, "config.json")
-    if train_loop.is_main():
+    if parallel.is_main():
         try:
             write_json(path, {k: v for k, v in vars(args).items() if k not in ("report", "output")})
         except OSError as e:
@@ -332,6 +266,22 @@ def load_base(out):
     return answers, [Pair(**p) for p in base["agreement_pairs"]], [Pair(**p) for p in base["warmup_pairs"]]
 
 
+def resume(S, out, done, fsdp):
+    """What the loop needs of the finished rounds `done` in out: the base policy's held-out answers,
+    the agreement pairs and every teacher pair so far (the warm-up's, then each round's: the student's
+    replay). The last round's policy and the newest student saved replace S's."""
+    last = max(done)
+    base, agreement, replay = load_base(out)
+    for r in range(1, last + 1):
+        replay += [Pair(**p) for p in read_json(os.path.join(out, f"round_{r}", "pairs.jsonl"), lines=True)]
+    if last >= 1:
+        policy_dir = os.path.join(out, f"round_{last}", "policy")
+        S.policy.model = parallel.place(load_model(policy_dir, S.device), fsdp)
+    if student_dir := latest(out, last, "student"):
+        S.student.model = parallel.place(load_model(student_dir, S.device), fsdp)
+    return base, agreement, replay
+
+
 def save_models(folder, max_shard_size, **models):
     """save_model each into folder/name. An OSError (rank 0) comes after every model's save, as under --fsdp
     the other processes gather the weights of each with rank 0."""
@@ -345,12 +295,12 @@ def save_models(folder, max_shard_size, **models):
         raise error
 
 
-def save_round(S, pairs, answers, base, metrics, folder):
+def save_round(folder, S, pairs, answers, base, metrics):
     """round_N: the policy and student checkpoints, pairs.jsonl (the format other preference-training tools
     read, plus our margins and the policy's token ids), a few held-out answers (with the oracle's scores in
     the default world), the metrics."""
-    save_models(folder, S.max_shard_size, policy=S.policy.lm, student=S.student.m)
-    if not train_loop.is_main():
+    save_models(folder, S.max_shard_size, policy=S.policy.model, student=S.student.model)
+    if not parallel.is_main():
         return
     write_json(os.path.join(folder, "pairs.jsonl"), [p.to_json() for p in pairs], lines=True)
     score = partial(evaluate.oracle_score, S.oracle) if S.oracle else lambda p, s: None
@@ -360,12 +310,12 @@ def save_round(S, pairs, answers, base, metrics, folder):
     write_json(os.path.join(folder, "metrics.json"), metrics)
 
 
-def save_round0(S, answers, agreement_pairs, warmup_pairs, warmed, metrics, folder):
+def save_round0(folder, S, answers, agreement_pairs, warmup_pairs, warmed, metrics):
     """round_0: base_eval.json (the base policy's held-out answers, the agreement and warm-up pairs), the
     metrics, and with warmed the student after its warm-up."""
     if warmed:
-        save_models(folder, S.max_shard_size, student=S.student.m)
-    if not train_loop.is_main():
+        save_models(folder, S.max_shard_size, student=S.student.model)
+    if not parallel.is_main():
         return
     base = {"greedy": [g.__dict__ for g, _ in answers], "sampled": [[s.__dict__ for s in g] for _, g in answers],
             "agreement_pairs": [p.to_json() for p in agreement_pairs], "warmup_pairs": [p.to_json() for p in warmup_pairs]}
@@ -465,7 +415,7 @@ def stopped(out, status):
     torchrun every process is stopped, and process 0 alone says so."""
     for s in (signal.SIGINT, signal.SIGTERM):  # a further Ctrl-C cannot break the line
         signal.signal(s, signal.SIG_IGN)
-    if train_loop.is_main():
+    if parallel.is_main():
         how = "Ctrl-C" if status == 130 else "SIGTERM"
         if out and os.path.exists(os.path.join(out, "config.json")):
             for tmp in glob.glob(os.path.join(out, ".round_*.tmp")):  # a round cut short by a second Ctrl-C
@@ -479,7 +429,7 @@ def stopped(out, status):
 
 def save_failed(e):
     """SaveFailed's one line (process 0), exit status 1 on every process."""
-    if train_loop.is_main():
+    if parallel.is_main():
         print(f"tsalign: error: {e}", file=sys.stderr)
     sys.exit(1)
 

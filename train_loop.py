@@ -13,22 +13,19 @@ that one would. Everything here works on token ids (data.py makes them).
 Shapes: B batch, T time, C model dim, V vocab, N response positions in a batch.
 """
 import math
-import os
-import signal
-import threading
-import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 import data
 import losses
 from model import shares_prefix
+# Under torchrun (parallel.py); in one process world_size() is 1, rank() 0, and the rest does nothing.
+from parallel import (gathered, is_main, rank, sharded, spread, stop_if, stop_votes, sum_over_ranks,
+                      world_size)
 
 
 @dataclass
@@ -54,187 +51,6 @@ class TrainConfig:
 
 class NonFiniteError(FloatingPointError):
     pass
-
-
-# ---- Data parallel: what changes when torchrun starts W processes --------------------------------
-# torchrun starts one process per device with its RANK, the WORLD_SIZE and its LOCAL_RANK (its device on the
-# machine). Every process holds all the models, and work is split two ways: blocks of a list of work go to
-# the ranks in turn and every rank gets every result (`spread`); in training each rank takes its share of
-# every batch, DistributedDataParallel all-reduces the gradients, and every rank takes the same step.
-
-def rank():
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def world_size():
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def is_main():
-    """Only rank 0 prints, shows progress bars and writes files."""
-    return rank() == 0
-
-
-def init_distributed(device, always=False):
-    """Join torchrun's process group if started by torchrun with several processes (or with always, even one,
-    as FSDP2 needs), and return the device this process uses (cuda:LOCAL_RANK on GPUs). Plain `python` runs
-    return device unchanged."""
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not (always and "LOCAL_RANK" in os.environ):
-        return device
-    if torch.device(device).type == "cuda":
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-    return device
-
-
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
-def broadcast(obj):
-    """Rank 0's obj, on every rank."""
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def finish():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def shard(model):
-    """--fsdp: shard the model across the processes with FSDP2 (torch.distributed.fsdp.fully_shard): each
-    decoder block, then the rest (embeddings, final norm, output layer, tied or not). Each process then keeps
-    1/W of every weight, of its gradient and of its AdamW state; a forward gathers a block's weights just
-    before it runs, and training equals one process's, as DDP's does."""
-    from torch.distributed.fsdp import fully_shard
-    for block in (model.encoder if model.config.encoder else model.decoder).blocks:  # an encoder's (encoder.py) too
-        fully_shard(block)
-    return fully_shard(model)
-
-
-def sharded(model):
-    return any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2's parameters are DTensors
-
-
-@contextmanager
-def gathered(*models):
-    """The full weights of the sharded models on every process while the block runs, and no collective in
-    their forwards: so inference may do unequal work per process (spread's blocks), and sampling gathers
-    once, not once per token. Memory: each process holds the full weights for that time. Models that are
-    not sharded are left as they are."""
-    from torch.distributed.fsdp import FSDPModule
-    units = [(u, u is m) for m in models if sharded(m) for u in m.modules() if isinstance(u, FSDPModule)]
-    for u, _ in units:  # every process calls this at the same point: the gathers are collectives
-        u.set_reshard_after_forward(False, recurse=False)
-        u.unshard()
-    try:
-        yield
-    finally:
-        for u, root in units:
-            u.reshard()
-            u.set_reshard_after_forward(not root, recurse=False)  # FSDP2's own defaults: the root keeps its
-
-
-def spread(fn, *columns, block=64, desc=None):
-    """fn over blocks of items, shared out among the processes: the one primitive that splits work under
-    torchrun (in one process, a plain loop over the blocks).
-
-    columns: lists of equal length n. Cut into blocks of `block` items, process r of W calls
-    fn(*columns[s:s + block]) on blocks r, r+W, ..., and fn returns one result per item. Every process gets
-    all n results, in order, each computed as one process computes it. Results travel between processes
-    as pickles (keep them small, on the CPU). desc: a progress bar over this process's blocks."""
-    starts = range(0, len(columns[0]), block)
-    ours = [s for j, s in enumerate(starts) if j % world_size() == rank()]
-    bar = tqdm(total=len(ours), desc=desc, disable=desc is None or not is_main(), leave=False, dynamic_ncols=True)
-    done = {}
-    for j in range(math.ceil(len(starts) / world_size())):  # as many turns on every process, each a safe point
-        safe_point()
-        if j < len(ours):
-            done[ours[j]] = fn(*(c[ours[j]:ours[j] + block] for c in columns))
-            bar.update()
-    bar.close()
-    if world_size() > 1:
-        parts = [None] * world_size()
-        dist.all_gather_object(parts, done)
-        done = {s: out for part in parts for s, out in part.items()}
-    return [x for s in starts for x in done[s]]
-
-
-def _sum_over_ranks(values, device):
-    """Each of a list of floats summed over the ranks (a collective: every rank must call it)."""
-    if world_size() == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-# ---- Stopping at a safe point: Ctrl-C and SIGTERM -------------------------------------------------
-# The signal handler (stop_on_signals) only records the signal in stop_signal; the run stops at the next
-# safe point: every training micro-batch and every block of spread's work. So an interrupt is never lost
-# (Python drops an exception raised inside a finalizer, a progress bar's for one), and under torchrun every
-# process stops at the same point: they agree there in one all-reduce, and none is left in a collective.
-
-stop_signal = None  # signal.SIGINT or signal.SIGTERM, once one arrived
-
-
-class Stopped(BaseException):
-    """A Ctrl-C or SIGTERM acted on. A BaseException, as KeyboardInterrupt is: no `except Exception` takes it."""
-
-    def __init__(self, signum):
-        super().__init__(signum)
-        self.signum = signum
-
-
-def _stop_votes():  # this process's [Ctrl-C, SIGTERM], to be summed over the ranks
-    return [float(stop_signal == signal.SIGINT), float(stop_signal == signal.SIGTERM)]
-
-
-def _stop_if(votes):
-    """Raise Stopped if any process got a signal: its own, or else SIGTERM over Ctrl-C."""
-    if votes[0] or votes[1]:
-        raise Stopped(stop_signal or (signal.SIGTERM if votes[1] else signal.SIGINT))
-
-
-def safe_point():
-    """Stop here if any process got a signal (a collective under torchrun: every rank must call it)."""
-    on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"  # nccl reduces GPU tensors only
-    _stop_if(_sum_over_ranks(_stop_votes(), "cuda" if on_gpu else "cpu"))
-
-
-@contextmanager
-def stop_on_signals():
-    """While the block runs, Ctrl-C (SIGINT) and SIGTERM (what a job scheduler sends) are recorded, and the run
-    stops at its next safe point. A second one, a second or more later, raises Stopped at once; sooner, it is
-    the first delivered again (a terminal sends Ctrl-C to every process, and torchrun passes it on too)."""
-    global stop_signal
-    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
-        yield
-        return
-    first = []
-
-    def record(signum, frame):
-        global stop_signal
-        if stop_signal is None:
-            stop_signal = signum
-            first.append(time.monotonic())
-        elif time.monotonic() - first[0] > 1:
-            raise Stopped(signum)
-
-    stop_signal = None
-    before = {s: signal.signal(s, record) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
-        stop_signal = None
 
 
 # ---- The loop ------------------------------------------------------------------------------------
@@ -288,8 +104,8 @@ def train(model, n_examples, loss_fn, tc):
                 # Every rank runs the same number of backward passes, as each ends in an all-reduce: a
                 # rank with no example in this micro-batch runs one with weight 0.
                 loss, metrics = loss_fn(net, share or chunk[mb:mb + 1])
-                bad, *votes = _sum_over_ranks([float(not torch.isfinite(loss)), *_stop_votes()], device)
-                _stop_if(votes)  # a safe point (see safe_point), in the collective every micro-batch has anyway
+                bad, *votes = sum_over_ranks([float(not torch.isfinite(loss)), *stop_votes()], device)
+                stop_if(votes)  # a safe point (see safe_point), in the collective every micro-batch has anyway
                 if bad:
                     opt.zero_grad(set_to_none=True)
                     raise NonFiniteError(f"{tc.desc}: loss is not finite at step {step} (here {loss.item()}); the "
@@ -314,7 +130,7 @@ def train(model, n_examples, loss_fn, tc):
     bar.close()
     model.eval()
     keys = sorted(sums)
-    totals = _sum_over_ranks([sums[k] for k in keys] + [seen], device)
+    totals = sum_over_ranks([sums[k] for k in keys] + [seen], device)
     local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (this process's shard)
     nbytes = lambda ts: sum(local(t).numel() * t.element_size() for t in ts if torch.is_tensor(t))  # noqa: E731
     return {**{k: v / totals[-1] for k, v in zip(keys, totals)}, "param_bytes": nbytes(params),

@@ -177,11 +177,12 @@ import json, sys
 sys.path.insert(0, {root!r})
 import torch
 import model
+import parallel
 import train_loop as TL
 from checkpoint import load_model
 
 TL.make_optimizer = lambda params, tc: torch.optim.SGD(params, lr=tc.lr)  # the update is the gradient itself
-TL.init_distributed("cpu", always=True)
+parallel.init_distributed("cpu", always=True)
 pairs = [([1, 5, 6, 7], [8, 9, 2], [10, 11, 12, 2]), ([1, 6, 7], [9, 9, 4, 2], [9, 9, 3, 2]),
          ([1, 7, 7, 7, 7], [4, 2], [5, 5, 2]), ([1, 3], [13, 14, 15, 16, 2], [17, 18, 2])]
 tc = TL.TrainConfig(lr=0.1, batch_size=4, warmup=0.0, progress=False)
@@ -194,16 +195,16 @@ for share in (True, False):
     for lin in model.lora_layers(lm):
         for b in lin.lora_b:
             torch.nn.init.normal_(b, 0, 0.05)
-    TL.shard(lm), TL.shard(rm)
+    parallel.shard(lm), parallel.shard(rm)
     m = TL.train_dpo(lm, pairs, 0, tc, beta=0.5, sft_coef=0.3)
     TL.train_reward(rm, [(p + c, p + r) for p, c, r in pairs], 0, tc)
     full = lambda mod: {{k: v.full_tensor() for k, v in mod.state_dict().items()}}
     out[share] = (full(lm), full(rm), m["loss"])
 diff = max((a[k] - b[k]).abs().max().item() for a, b in zip(out[True][:2], out[False][:2]) for k in a)
 moved = max(b.abs().max().item() for k, b in out[True][0].items() if "lora_b" in k)
-if TL.is_main():
+if parallel.is_main():
     json.dump({{"diff": diff, "loss": abs(out[True][2] - out[False][2]), "moved": moved}}, open({result!r}, "w"))
-TL.finish()
+parallel.finish()
 """
 
 
