@@ -1,8 +1,9 @@
 """
-The run's config: every option of `tsalign.py` is a field of RunConfig, with its default and its help,
-and the command line is built from them (`python tsalign.py --help`). A default of None is filled from
-one of two presets, the default world's or the real checkpoints'. The resolved config is saved with the
-run as config.json (run.py), whose keys are these fields. RoundConfig is what one round reads of it.
+The run's config: every option of `tsalign.py` is a field of RunConfig, with its default and its
+help, and the command line is built from them (`python tsalign.py --help`). A default of None is
+filled from one of two presets, the default world's or the real checkpoints'. The resolved config is
+saved with the run as config.json (run.py), whose keys are these fields. RoundConfig is what one
+round reads of it.
 """
 import argparse
 import os
@@ -25,26 +26,28 @@ SELECTIONS = ("ts-align", "teacher-all", "student-only")
 
 @dataclass
 class RunConfig:
+    """The run's options: each field is the option --NAME (underscores as dashes)."""
     rounds: int = opt(3, "number of TS-Align rounds (a larger value with --resume extends a run)")
     k: int = opt(8, "responses sampled per prompt (at least 2)")
-    prompts_per_round: int = opt(None, "prompts per round (default: 1024 in the world, 256 otherwise)")
+    prompts_per_round: int = opt(None, "prompts per round (default: 1024 in the world, 256 "
+                                       "otherwise)")
     max_new_tokens: int = opt(None, "longest response; longer ones are truncated and not ranked")
     temperature: float = opt(1.0, "sampling temperature of the K responses")
     top_p: float = opt(None, "nucleus sampling threshold of the K responses (default: off)")
     selection: str = opt("ts-align", "how pairs are mined: ts-align, teacher-all or student-only",
-                         choices=SELECTIONS)
+                                     choices=SELECTIONS)
     min_margin: float = opt(None, "drop pairs whose teacher margin is below this (ties included)")
     beta: float = opt(None, "DPO beta (default: the world's own, 0.1 for real checkpoints)")
     loss_type: str = opt("sigmoid", "DPO loss: sigmoid (Rafailov 2023) or ipo (Azar 2023)",
-                         choices=("sigmoid", "ipo"))
+                                    choices=("sigmoid", "ipo"))
     label_smoothing: float = opt(0.0, "conservative DPO label smoothing in [0, 0.5)")
-    average_logprobs: bool = opt(False, "average response log-probs per token (as IPO's authors do) "
-                                        "instead of summing")
+    average_logprobs: bool = opt(False, "average response log-probs per token (as IPO's authors "
+                                        "do) instead of summing")
     sft_coef: float = opt(0.0, "weight of an extra SFT term on the chosen responses")
-    rdpo_alpha: float = opt(0.0, "R-DPO (Park et al. 2024): alpha of the length term alpha (|y_w| - "
-                                 "|y_l|) inside DPO's sigmoid (0: off)")
-    length_penalty: float = opt(0.0, "subtract this x the response's token count from the teacher's "
-                                     "scores before the pair is ordered (0: off)")
+    rdpo_alpha: float = opt(0.0, "R-DPO (Park et al. 2024): alpha of the length term alpha (|y_w| "
+                                 "- |y_l|) inside DPO's sigmoid (0: off)")
+    length_penalty: float = opt(0.0, "subtract this x the response's token count from the "
+                                     "teacher's scores before the pair is ordered (0: off)")
     student_length_penalty: float = opt(None, "subtract this x the response's token count from the "
                                               "student's scores before it picks best and worst "
                                               "(default: 0.5 in the world, 0 otherwise)")
@@ -55,23 +58,24 @@ class RunConfig:
     batch_size: int = opt(None, "pairs per training batch (policy and student)")
     student_lr: float = opt(None, "student learning rate")
     student_epochs: int = opt(None, "student epochs over all teacher pairs so far")
-    student_margin: float = opt(0.0, "margin m of the student's ranking loss -log sigmoid(r_c - r_r - m)")
+    student_margin: float = opt(0.0, "margin m of the student's ranking loss -log sigmoid(r_c - "
+                                     "r_r - m)")
     lora_rank: int = opt(0, "LoRA rank for the policy (0 = full fine-tuning)")
     student_lora_rank: int = opt(0, "LoRA rank for the student (0 = full fine-tuning)")
-    student_warmup: int = opt(0, "before round 1, the teacher labels this many base-policy pairs to "
-                                 "train the student")
+    student_warmup: int = opt(0, "before round 1, the teacher labels this many base-policy pairs "
+                                 "to train the student")
     eval_count: int = opt(None, "held-out prompts to evaluate on (default: 2000 in the world, 64 "
                                 "otherwise)")
     sample_batch: int = opt(64, "prompts sampled in one batch (also the unit of work split between "
                                 "torchrun processes)")
     fsdp: bool = opt(False, "under torchrun: shard the policy and the student across the processes "
                             "(FSDP2)")
-    max_shard_size: float = opt(5.0, "saved checkpoints: GB per weight file before it is split into "
-                                     "shards")
+    max_shard_size: float = opt(5.0, "saved checkpoints: GB per weight file before it is split "
+                                     "into shards")
     seed: int = opt(0, "seed of every random choice (prompts, samples, shuffles), per round")
     out: str = opt(None, "run folder (default: a new dated folder under runs/)")
-    resume: bool = opt(False, "continue the run in --out (default: the newest under runs/) after its "
-                              "last finished round")
+    resume: bool = opt(False, "continue the run in --out (default: the newest under runs/) after "
+                              "its last finished round")
     rebuild_world: bool = opt(False, "build the default world anew (into ~/.cache/tsalign/world) "
                                      "instead of using the shipped one")
     device: str = opt(None, "cpu or cuda (default: cuda when available)")
@@ -79,41 +83,43 @@ class RunConfig:
                             "default world")
     student: str = opt(None, "student checkpoint: a reward model, or a causal LM that gets a fresh "
                              "scalar head")
-    teacher: str = opt(None, "teacher checkpoint: a reward model (or a causal LM with --teacher-judge)")
+    teacher: str = opt(None, "teacher checkpoint: a reward model (or a causal LM with "
+                             "--teacher-judge)")
     teacher_judge: bool = opt(False, "use the teacher as an LLM judge that compares two responses")
     judge: str = opt(None, "independent evaluator checkpoint for the win rate (reward model or LLM "
                            "judge)")
     judge_min_mass: float = opt(0.1, "an LLM judge whose two labels get less probability than this "
                                      "gave an invalid answer")
-    prompts: str = opt(None, "training prompts, .jsonl ({\"prompt\": ...} per line) or .txt (one per "
-                             "line)")
+    prompts: str = opt(None, "training prompts, .jsonl ({\"prompt\": ...} per line) or .txt (one "
+                             "per line)")
     eval_prompts: str = opt(None, "held-out prompts (default: a fixed, seeded share of --prompts)")
     prompt_format: str = opt(None, f"policy prompt format: {', '.join(data.FORMATS)}")
     student_format: str = opt(None, "student prompt format (default: --prompt-format)")
     teacher_format: str = opt(None, "teacher prompt format (default: --prompt-format)")
     report: list = opt(None, "no training: draw these run folders on the same axes into --output",
-                       nargs="+", metavar="RUN")
-    output: str = opt("compare.html", "with --report: the page to write, or a .svg of the main charts",
-                      flags=("-o",))
+                             nargs="+", metavar="RUN")
+    output: str = opt("compare.html", "with --report: the page to write, or a .svg of the main "
+                                      "charts", flags=("-o",))
 
 
-# The presets: what a default of None becomes. The default world's were measured on it over five rounds
-# and three seeds (docs/results.md has the experiments):
-# - beta 4: answers are ~6 tokens, so a small beta (0.1) needs huge per-token log-ratio changes before
-#   the DPO loss saturates, and collapsed the policy. Within a round beta bounds how far DPO moves the
-#   policy from the round's start: at beta 1-2 it moved so far that the next round's samples left what
-#   the student and teacher judge well, and the win rate fell after round 2 or 3; at 4 it kept rising or
-#   held; at 8 round 1 gained little (0.65).
-# - student_length_penalty 0.5 (student score units per token): without it, after round 1 the student
-#   scored an extra copy of the largest digit above the right answer (it learned "longer is better"
-#   from round 1's pairs, 87% of whose chosen answers were longer), so its best and worst became two
-#   wrong answers for the teacher to order; the penalty keeps its picks nearer the right length (mined
-#   pairs 0.93-0.97 right, not 0.88-0.93).
+# The presets: what a default of None becomes. The default world's were measured on it over five
+# rounds and three seeds (docs/results.md has the experiments):
+# - beta 4: answers are ~6 tokens, so a small beta (0.1) needs huge per-token log-ratio changes
+#   before the DPO loss saturates, and collapsed the policy. Within a round beta bounds how far DPO
+#   moves the policy from the round's start: at beta 1-2 it moved so far that the next round's
+#   samples left what the student and teacher judge well, and the win rate fell after round 2 or 3;
+#   at 4 it kept rising or held; at 8 round 1 gained little (0.65).
+# - student_length_penalty 0.5 (student score units per token): without it, after round 1 the
+#   student scored an extra copy of the largest digit above the right answer (it learned "longer is
+#   better" from round 1's pairs, 87% of whose chosen answers were longer), so its best and worst
+#   became two wrong answers for the teacher to order; the penalty keeps its picks nearer the right
+#   length (mined pairs 0.93-0.97 right, not 0.88-0.93).
 # - lr 1e-4: at 2e-4 the win rate fell after round 3; 5e-5 gained nothing that beta 4 did not.
-# - min_margin 2.5 (in teacher score units): the teacher's margin predicts whether it is right; mined
-#   pairs with a margin below 1 were right about 60% of the time, above 2 over 90%.
+# - min_margin 2.5 (in teacher score units): the teacher's margin predicts whether it is right;
+#   mined pairs with a margin below 1 were right about 60% of the time, above 2 over 90%.
 # - ~1,000 prompts per round: pairs from 256 prompts were too few for DPO to move the greedy answer,
-#   and 2,048 gained nothing; K = 8 (--k): at 16 the student's extremes were worse pairs (0.83-0.87 right).
+#   and 2,048 gained nothing; K = 8 (--k): at 16 the student's extremes were worse pairs (0.83-0.87
+#   right).
 WORLD = dict(beta=4.0, prompts_per_round=1024, eval_count=2000, min_margin=2.5,
              max_new_tokens=world.MAX_NEW_TOKENS, lr=1e-4, epochs=2, batch_size=64,
              student_lr=5e-4, student_epochs=2, student_length_penalty=0.5)
@@ -123,22 +129,23 @@ CHECKPOINTS = dict(beta=0.1, prompts_per_round=256, eval_count=64, min_margin=0.
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="TS-Align: iterative DPO with a student that searches and a "
-                                            "teacher that decides.")
+    p = argparse.ArgumentParser(description="TS-Align: iterative DPO with a student that searches "
+                                            "and a teacher that decides.")
     for f in fields(RunConfig):
         kw = {k: v for k, v in f.metadata.items() if k != "flags"}
         if f.type is bool:
             kw["action"] = "store_true"
         elif f.type in (int, float):
             kw["type"] = f.type
-        p.add_argument(*f.metadata.get("flags", ()), "--" + f.name.replace("_", "-"), default=f.default,
-                       **kw)
+        flags = (*f.metadata.get("flags", ()), "--" + f.name.replace("_", "-"))
+        p.add_argument(*flags, default=f.default, **kw)
     return p
 
 
 def parse_args(argv):
-    """The options as a RunConfig, with the preset's defaults (world or checkpoints) filled in and every
-    value checked (fail() on the first one out of range); and the names of those given explicitly."""
+    """The options as a RunConfig, with the preset's defaults (world or checkpoints) filled in and
+    every value checked (fail() on the first one out of range); and the names of those given
+    explicitly."""
     parser = build_parser()
     args = RunConfig(**vars(parser.parse_args(argv)))
     explicit = {k for k, v in vars(args).items() if v != parser.get_default(k)}
@@ -173,9 +180,9 @@ def check(args):
         fail("--fsdp shards the models across torchrun's processes: start the run with torchrun "
              "(torchrun --standalone --nproc_per_node N tsalign.py ... --fsdp)")
     if args.fsdp and (args.lora_rank or args.student_lora_rank or args.reference == "sft"):
-        fail("--fsdp does not take --lora-rank, --student-lora-rank or --reference sft: adapters are "
-             "added and merged every round, which a sharded model cannot take, and the sft reference "
-             "would be a full copy per process")
+        fail("--fsdp does not take --lora-rank, --student-lora-rank or --reference sft: adapters "
+             "are added and merged every round, which a sharded model cannot take, and the sft "
+             "reference would be a full copy per process")
     if args.max_shard_size <= 0:
         fail(f"--max-shard-size must be positive, got {args.max_shard_size}")
     if not 0 <= args.label_smoothing < 0.5 or args.min_margin < 0 or args.student_margin < 0:
@@ -186,20 +193,22 @@ def check(args):
     if args.rdpo_alpha > 0 and args.loss_type != "sigmoid":
         fail("--rdpo-alpha is a term of the sigmoid DPO loss; it does not apply to --loss-type ipo")
     if args.length_penalty > 0 and args.teacher_judge:
-        fail("--length-penalty subtracts from the teacher's scores, and an LLM judge (--teacher-judge) "
-             "gives none")
-    missing = [n for n in ("student", "teacher", "prompts", "prompt_format") if getattr(args, n) is None]
+        fail("--length-penalty subtracts from the teacher's scores, and an LLM judge "
+             "(--teacher-judge) gives none")
+    missing = [n for n in ("student", "teacher", "prompts", "prompt_format")
+               if getattr(args, n) is None]
     if args.policy is not None and missing:
         fail(f"with --policy, also give {', '.join(map(dash, missing))}")
     if args.policy is not None and args.rebuild_world:
         fail("--rebuild-world is for the default world; with --policy there is no world to build")
     if args.policy is None:  # the default world draws its own prompts and is judged by its oracle
-        given = [n for n in ("prompts", "eval_prompts", "judge", "teacher_judge") if getattr(args, n)]
+        given = [n for n in ("prompts", "eval_prompts", "judge", "teacher_judge")
+                 if getattr(args, n)]
         given += [n for n in ("prompt_format", "student_format", "teacher_format")
                   if getattr(args, n) not in (None, world.FORMAT)]
         if given:
-            fail(f"{', '.join(map(dash, given))}: for real checkpoints (with --policy); the default "
-                 f"world has its own prompts, format ({world.FORMAT}) and oracle")
+            fail(f"{', '.join(map(dash, given))}: for real checkpoints (with --policy); the "
+                 f"default world has its own prompts, format ({world.FORMAT}) and oracle")
         args.prompt_format = world.FORMAT
     for name in ("prompt_format", "student_format", "teacher_format"):
         if getattr(args, name) not in (None, *data.FORMATS):
@@ -207,9 +216,9 @@ def check(args):
                  f"known: {', '.join(data.FORMATS)}")
     if args.student and is_encoder(args.student):  # it reads the bare (prompt, response) pair
         if args.student_format:
-            fail(f"--student-format: the student {args.student} is an encoder reward model, which reads "
-                 f"its tokenizer's pair encoding of (prompt, response), not a prompt format; leave the "
-                 f"option out")
+            fail(f"--student-format: the student {args.student} is an encoder reward model, which "
+                 f"reads its tokenizer's pair encoding of (prompt, response), not a prompt format; "
+                 f"leave the option out")
         args.student_format = "pair"
     args.student_format = args.student_format or args.prompt_format
     args.teacher_format = args.teacher_format or args.prompt_format
@@ -249,9 +258,9 @@ class RoundConfig:
     lora_rank: int = 0
     student_lora_rank: int = 0
     student_margin: float = 0.0
-    reference_dir: str | None = None     # --reference sft: the original policy, every round's reference
+    reference_dir: str | None = None     # --reference sft: the original policy, every round's
     length_penalty: float = 0.0          # subtracted per response token from the teacher's scores
-    student_length_penalty: float = 0.0  # the same for the student's (its scores are in other units)
+    student_length_penalty: float = 0.0  # the same for the student's (in its own units)
     seed: int = 0
 
 
@@ -263,8 +272,8 @@ def round_config(args, base_dir):
         student_train=TrainConfig(lr=args.student_lr, epochs=args.student_epochs,
                                   batch_size=args.batch_size),
         policy_train=TrainConfig(lr=args.lr, epochs=args.epochs, batch_size=args.batch_size),
-        dpo=DPO(args.beta, args.loss_type, args.label_smoothing, args.sft_coef, args.average_logprobs,
-                args.rdpo_alpha),
+        dpo=DPO(args.beta, args.loss_type, args.label_smoothing, args.sft_coef,
+                args.average_logprobs, args.rdpo_alpha),
         lora_rank=args.lora_rank, student_lora_rank=args.student_lora_rank,
         student_margin=args.student_margin,
         reference_dir=base_dir if args.reference == "sft" else None,

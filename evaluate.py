@@ -1,11 +1,12 @@
 """
 The evaluation of a round, on held-out prompts that never enter training:
-  win rate vs base   the greedy answer (and 4 samples) against the base policy's, judged by the default
-                     world's oracle, an independent --judge, or else the teacher; ties count half
-  agreement          how often the student orders a fixed set of held-out teacher-ordered pairs as the
-                     teacher did: the distillation the paper claims
-  oracle metrics     in the default world: the oracle's score of the answers, and how often the teacher,
-                     the student and the round's mined pairs are right by it
+  win rate vs base   the greedy answer (and 4 samples) against the base policy's, judged by the
+                     default world's oracle, an independent --judge, or else the teacher; ties
+                     count half
+  agreement          how often the student orders a fixed set of held-out teacher-ordered pairs as
+                     the teacher did: the distillation the paper claims
+  oracle metrics     in the default world: the oracle's score of the answers, and how often the
+                     teacher, the student and the round's mined pairs are right by it
 """
 import math
 import time
@@ -24,13 +25,14 @@ class Evaluator:
     judge: object = None  # a roles.Scorer
 
     def outcomes(self, prompts, ours, base, block=64):
-        """Per pair of data.Samples: 1 win, 0.5 tie, 0 loss (an invalid judge answer counts as a tie);
-        a judge gets `block` pairs in one batch."""
+        """Per pair of data.Samples: 1 win, 0.5 tie, 0 loss (an invalid judge answer counts as a
+        tie); a judge gets `block` pairs in one batch."""
         if self.oracle is not None:
             return [outcome(oracle_score(self.oracle, p, x) - oracle_score(self.oracle, p, y))
                     for p, x, y in zip(prompts, ours, base)]
         # the same response twice is a tie, without asking (margin None)
-        asked = [x if (x.text, x.finished) != (y.text, y.finished) else None for x, y in zip(ours, base)]
+        asked = [None if (x.text, x.finished) == (y.text, y.finished) else x
+                 for x, y in zip(ours, base)]
         return [outcome(m) for m in self.judge.margins_each(prompts, asked, base, block)]
 
     def against_base(self, prompts, answers, base, block=64):
@@ -52,7 +54,7 @@ def outcome(margin):
 
 
 def oracle_score(oracle, prompt, sample):
-    """The default world's oracle on a data.Sample: a truncated response scores 0, as it never answered."""
+    """The default world's oracle on a data.Sample: a truncated response scores 0 (no answer)."""
     return oracle(prompt, sample.text) if sample.finished else 0.0
 
 
@@ -77,7 +79,8 @@ def student_agrees(student, pairs):
     way?"""
     chosen = [Sample(None, p.chosen, p.chosen_finished) for p in pairs]
     rejected = [Sample(None, p.rejected, p.rejected_finished) for p in pairs]
-    return [m > 0 for m in student.margins_each([p.prompt for p in pairs], chosen, rejected, block=64)]
+    margins = student.margins_each([p.prompt for p in pairs], chosen, rejected, block=64)
+    return [m > 0 for m in margins]
 
 
 def held_out_metrics(evaluator, student, prompts, answers, base, agreement_pairs, oracle=None,
@@ -98,30 +101,34 @@ def held_out_metrics(evaluator, student, prompts, answers, base, agreement_pairs
         both = [(oracle(p.prompt, p.chosen), oracle(p.prompt, p.rejected)) for p in agreement_pairs]
         decided = [i for i, (c, r) in enumerate(both) if c != r]
         m["teacher_oracle_accuracy"] = mean([both[i][0] > both[i][1] for i in decided])
-        m["student_oracle_accuracy"] = mean([agrees[i] == (both[i][0] > both[i][1]) for i in decided])
+        m["student_oracle_accuracy"] = mean([agrees[i] == (both[i][0] > both[i][1])
+                                             for i in decided])
     return m
 
 
 def pair_metrics(prompts, samples, mined, k, selection, teacher_judge, oracle=None):
-    """What a round's mining did: pairs kept and dropped, teacher calls against scoring all K, lengths."""
+    """What a round's mining did: pairs kept and dropped, teacher calls against scoring all K,
+    lengths."""
     pairs = mined.pairs
     m = {"prompts": len(prompts), "pairs": len(pairs), "pairs_dropped": mined.dropped,
          "teacher_calls": mined.teacher_calls, "selection": selection,
          "teacher_calls_if_scoring_all": len(prompts) * k * (k - 1 if teacher_judge else 1),
-         "teacher_overturn_rate": mined.overturned / max(1, len(pairs)) if selection == "ts-align" else None,
+         "teacher_overturn_rate": None,
          "truncation_rate": sum(not s.finished for g in samples for s in g) / (len(prompts) * k),
          "chosen_len": mean([len(p.chosen_ids) for p in pairs]),
          "rejected_len": mean([len(p.rejected_ids) for p in pairs]),
          "chosen_longer_share": mean([len(p.chosen_ids) > len(p.rejected_ids) for p in pairs])}
-    if oracle is not None:  # the early warning of over-optimisation: are the mined pairs still right?
+    if selection == "ts-align":
+        m["teacher_overturn_rate"] = mined.overturned / max(1, len(pairs))
+    if oracle is not None:  # the early warning of over-optimisation: are the mined pairs right?
         both = [(oracle(p.prompt, p.chosen), oracle(p.prompt, p.rejected)) for p in pairs]
         m["pairs_oracle_accuracy"] = mean([c > r for c, r in both if c != r])
     return m
 
 
 def train_metrics(trained):
-    """The round's training results (run_round's) as metrics, with the bytes of weights and AdamW state each
-    process held (under --fsdp, its shards)."""
+    """The round's training results (run_round's) as metrics, with the bytes of weights and AdamW
+    state each process held (under --fsdp, its shards)."""
     m = {"student_loss": trained["student"]["loss"]} if "student" in trained else {}
     if "policy" in trained:
         dpo = trained["policy"]
@@ -133,7 +140,8 @@ def train_metrics(trained):
 
 
 class Clock:
-    """Wall-clock seconds per phase: lap(name) adds the time since the last lap to name, and returns it."""
+    """Wall-clock seconds per phase: lap(name) adds the time since the last lap to name, and
+    returns it."""
 
     def __init__(self):
         self.t, self.seconds = time.time(), {}

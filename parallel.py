@@ -1,13 +1,13 @@
 """
 What changes when torchrun starts W processes, and stopping at a safe point on Ctrl-C or SIGTERM.
 
-torchrun starts one process per device with its RANK, the WORLD_SIZE and its LOCAL_RANK (its device on the
-machine). Every process runs the whole of tsalign.py and holds all the models (under --fsdp, a shard of
-the policy and of the student). Work is split two ways: blocks of a list of work go to the processes in
-turn and every process gets every result (`spread`, which the roles in roles.py call); in training each
-process takes its share of every batch, DistributedDataParallel all-reduces the gradients, and every
-process takes the same step (train_loop.train). In one process every function here is a plain loop or
-does nothing.
+torchrun starts one process per device with its RANK, the WORLD_SIZE and its LOCAL_RANK (its device
+on the machine). Every process runs the whole of tsalign.py and holds all the models (under --fsdp,
+a shard of the policy and of the student). Work is split two ways: blocks of a list of work go to
+the processes in turn and every process gets every result (`spread`, which the roles in roles.py
+call); in training each process takes its share of every batch, DistributedDataParallel all-reduces
+the gradients, and every process takes the same step (train_loop.train). In one process every
+function here is a plain loop or does nothing.
 """
 import math
 import os
@@ -39,9 +39,9 @@ def is_main():
 
 
 def init_distributed(device, always=False):
-    """Join torchrun's process group if started by torchrun with several processes (or with always, even
-    one, as FSDP2 needs), and return the device this process uses (cuda:LOCAL_RANK on GPUs). Plain
-    `python` runs return device unchanged."""
+    """Join torchrun's process group if started by torchrun with several processes (or with always,
+    even one, as FSDP2 needs), and return the device this process uses (cuda:LOCAL_RANK on GPUs).
+    Plain `python` runs return device unchanged."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not (always and "LOCAL_RANK" in os.environ):
         return device
     if torch.device(device).type == "cuda":
@@ -80,9 +80,9 @@ def sum_over_ranks(values, device):
 
 
 def alone(fn, *args):
-    """fn(*args) on rank 0 only, while the other processes wait (building the default world): inside,
-    rank 0 sees a single process, so the training loop and spread call no collective the others would
-    have to join. Every process gets None."""
+    """fn(*args) on rank 0 only, while the other processes wait (building the default world):
+    inside, rank 0 sees a single process, so the training loop and spread call no collective the
+    others would have to join. Every process gets None."""
     global solo
     if is_main():
         solo = True
@@ -96,35 +96,38 @@ def alone(fn, *args):
 # ---- FSDP2: the policy and the student sharded across the processes (--fsdp) ---------------------
 
 def shard(model):
-    """--fsdp: shard the model across the processes with FSDP2 (torch.distributed.fsdp.fully_shard): each
-    decoder block, then the rest (embeddings, final norm, output layer, tied or not). Each process then
-    keeps 1/W of every weight, of its gradient and of its AdamW state; a forward gathers a block's weights
-    just before it runs, and training equals one process's, as DDP's does."""
+    """--fsdp: shard the model across the processes with FSDP2 (torch.distributed.fsdp.fully_shard):
+    each decoder block, then the rest (embeddings, final norm, output layer, tied or not). Each
+    process then keeps 1/W of every weight, of its gradient and of its AdamW state; a forward
+    gathers a block's weights just before it runs, and training equals one process's, as DDP's
+    does."""
     from torch.distributed.fsdp import fully_shard
-    stack = model.encoder if model.config.encoder else model.decoder  # an encoder's (encoder.py) too
+    stack = model.encoder if model.config.encoder else model.decoder  # encoder.py's too
     for block in stack.blocks:
         fully_shard(block)
     return fully_shard(model)
 
 
 def place(model, fsdp):
-    """A model that trains, as the run holds it: sharded across the processes under --fsdp (the teacher
-    and any judge stay whole on every process: they only score, and may do unequal work per process)."""
+    """A model that trains, as the run holds it: sharded across the processes under --fsdp (the
+    teacher and any judge stay whole on every process: they only score, and may do unequal work per
+    process)."""
     return shard(model) if fsdp else model
 
 
 def sharded(model):
-    return any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2's parameters are DTensors
+    return any(hasattr(p, "full_tensor") for p in model.parameters())  # FSDP2's are DTensors
 
 
 @contextmanager
 def gathered(*models):
-    """The full weights of the sharded models on every process while the block runs, and no collective
-    in their forwards: so inference may do unequal work per process (spread's blocks), and sampling
-    gathers once, not once per token. Memory: each process holds the full weights for that time. Models
-    that are not sharded are left as they are."""
+    """The full weights of the sharded models on every process while the block runs, and no
+    collective in their forwards: so inference may do unequal work per process (spread's blocks),
+    and sampling gathers once, not once per token. Memory: each process holds the full weights for
+    that time. Models that are not sharded are left as they are."""
     from torch.distributed.fsdp import FSDPModule
-    units = [(u, u is m) for m in models if sharded(m) for u in m.modules() if isinstance(u, FSDPModule)]
+    units = [(u, u is m) for m in models if sharded(m)
+             for u in m.modules() if isinstance(u, FSDPModule)]
     for u, _ in units:  # every process calls this at the same point: the gathers are collectives
         u.set_reshard_after_forward(False, recurse=False)
         u.unshard()
@@ -133,19 +136,20 @@ def gathered(*models):
     finally:
         for u, root in units:
             u.reshard()
-            u.set_reshard_after_forward(not root, recurse=False)  # FSDP2's defaults: the root keeps its
+            u.set_reshard_after_forward(not root, recurse=False)  # FSDP2's defaults: the root keeps
 
 
 # ---- Sharing work out --------------------------------------------------------------------------
 
 def spread(fn, *columns, block=64, desc=None):
-    """fn over blocks of items, shared out among the processes: the one primitive that splits work under
-    torchrun (in one process, a plain loop over the blocks).
+    """fn over blocks of items, shared out among the processes: the one primitive that splits work
+    under torchrun (in one process, a plain loop over the blocks).
 
     columns: lists of equal length n. Cut into blocks of `block` items, process r of W calls
-    fn(*columns[s:s + block]) on blocks r, r+W, ..., and fn returns one result per item. Every process
-    gets all n results, in order, each computed as one process computes it. Results travel between
-    processes as pickles (keep them small, on the CPU). desc: a progress bar over this process's blocks."""
+    fn(*columns[s:s + block]) on blocks r, r+W, ..., and fn returns one result per item. Every
+    process gets all n results, in order, each computed as one process computes it. Results travel
+    between processes as pickles (keep them small, on the CPU). desc: a progress bar over this
+    process's blocks."""
     starts = range(0, len(columns[0]), block)
     ours = [s for j, s in enumerate(starts) if j % world_size() == rank()]
     bar = tqdm(total=len(ours), desc=desc, disable=desc is None or not is_main(), leave=False,
@@ -164,12 +168,12 @@ def spread(fn, *columns, block=64, desc=None):
     return [x for s in starts for x in done[s]]
 
 
-# ---- Stopping at a safe point: Ctrl-C and SIGTERM -------------------------------------------------
-# The signal handler (stop_on_signals) only records the signal in stop_signal; the run stops at the next
-# safe point: every training micro-batch and every block of spread's work. So an interrupt is never lost
-# (Python drops an exception raised inside a finalizer, a progress bar's for one), and under torchrun
-# every process stops at the same point: they agree there in one all-reduce, and none is left in a
-# collective.
+# ---- Stopping at a safe point: Ctrl-C and SIGTERM ----------------------------------------------
+# The signal handler (stop_on_signals) only records the signal in stop_signal; the run stops at the
+# next safe point: every training micro-batch and every block of spread's work. So an interrupt is
+# never lost (Python drops an exception raised inside a finalizer, a progress bar's for one), and
+# under torchrun every process stops at the same point: they agree there in one all-reduce, and none
+# is left in a collective.
 
 stop_signal = None  # signal.SIGINT or signal.SIGTERM, once one arrived
 
@@ -194,17 +198,17 @@ def stop_if(votes):
 
 
 def safe_point():
-    """Stop here if any process got a signal (a collective under torchrun: every rank must call it)."""
+    """Stop here if any process got a signal (a collective: every process must call it)."""
     on_gpu = dist.is_initialized() and dist.get_backend() == "nccl"  # nccl reduces GPU tensors only
     stop_if(sum_over_ranks(stop_votes(), "cuda" if on_gpu else "cpu"))
 
 
 @contextmanager
 def stop_on_signals():
-    """While the block runs, Ctrl-C (SIGINT) and SIGTERM (what a job scheduler sends) are recorded, and
-    the run stops at its next safe point. A second one, a second or more later, raises Stopped at once;
-    sooner, it is the first delivered again (a terminal sends Ctrl-C to every process, and torchrun
-    passes it on too)."""
+    """While the block runs, Ctrl-C (SIGINT) and SIGTERM (what a job scheduler sends) are recorded,
+    and the run stops at its next safe point. A second one, a second or more later, raises Stopped
+    at once; sooner, it is the first delivered again (a terminal sends Ctrl-C to every process, and
+    torchrun passes it on too)."""
     global stop_signal
     if threading.current_thread() is not threading.main_thread():  # only it may set handlers
         yield

@@ -1,12 +1,13 @@
 """
-The three roles of a round: the policy that samples, and the reward models (the student, the teacher)
-or LLM judges that score and compare its responses. Each holds its model as `.model`, with its tokenizer
-and prompt format, so that a caller gives text and gets samples or scores.
+The three roles of a round: the policy that samples, and the reward models (the student, the
+teacher) or LLM judges that score and compare its responses. Each holds its model as `.model`, with
+its tokenizer and prompt format, so that a caller gives text and gets samples or scores.
 
 Methods named `sample`, `answer` and `..._each` take a list of prompts and work in blocks of `block`
-prompts: under torchrun the blocks are shared out over the processes and every process gets every result
-(parallel.spread), with a sharded model's weights gathered once (parallel.gathered); in one process they
-are a loop over the blocks. The other methods (score, margins, compare, tournament) are one batch, here.
+prompts: under torchrun the blocks are shared out over the processes and every process gets every
+result (parallel.spread), with a sharded model's weights gathered once (parallel.gathered); in one
+process they are a loop over the blocks. The other methods (score, margins, compare, tournament) are
+one batch, here.
 """
 import math
 from dataclasses import dataclass
@@ -24,8 +25,9 @@ from train_loop import reward_scores
 
 
 def in_blocks(model, fn, *columns, block=64, desc=None):
-    """fn over blocks of `block` items of the columns (fn returns one result per item), shared out over
-    the processes, with model's full weights on every process meanwhile: where the roles meet torchrun."""
+    """fn over blocks of `block` items of the columns (fn returns one result per item), shared out
+    over the processes, with model's full weights on every process meanwhile: where the roles meet
+    torchrun."""
     with gathered(model):
         return spread(fn, *columns, block=block, desc=desc)
 
@@ -44,19 +46,20 @@ def live_only(fn, prompts, items, *more):
 
 @dataclass
 class Policy:
-    """The policy with what sampling text needs: its tokenizer, prompt format, stop ids and pad id."""
+    """The policy with what sampling text needs: its tokenizer, prompt format, stop and pad ids."""
     model: CausalLM
     tok: object    # its tokenizers.Tokenizer
     fmt: str       # its prompt format (data.FORMATS)
-    stops: list    # every id that ends a response: the config's stop ids and the format's end of turn
+    stops: list    # every id that ends a response: the config's, and the format's end of turn
     pad: int
 
     def encode(self, prompt):
         return data.encode_prompt(self.tok, self.fmt, prompt)
 
     def sample(self, prompts, seeds, k, sampling, block=64, desc=None):
-        """k responses to each prompt: a list (P) of lists (k) of Sample. seeds: one per prompt, so its
-        samples do not depend on the block or process it lands in. sampling: a config.Sampling."""
+        """k responses to each prompt: a list (P) of lists (k) of Sample. seeds: one per prompt, so
+        its samples do not depend on the block or process it lands in. sampling: a
+        config.Sampling."""
         fn = partial(self.generate, k=k, max_new_tokens=sampling.max_new_tokens,
                      temperature=sampling.temperature, top_p=sampling.top_p)
         return in_blocks(self.model, fn, prompts, seeds, block=block, desc=desc)
@@ -65,8 +68,8 @@ class Policy:
         """Its answers to held-out prompts: (its greedy response, 4 samples) per prompt."""
         def answers(prompts, seeds):
             greedy = self.generate(prompts, None, 1, sampling.max_new_tokens, 0.0, None)
-            samples = self.generate(prompts, seeds, 4, sampling.max_new_tokens, sampling.temperature,
-                                    sampling.top_p)
+            samples = self.generate(prompts, seeds, 4, sampling.max_new_tokens,
+                                    sampling.temperature, sampling.top_p)
             return list(zip([g[0] for g in greedy], samples))
         return in_blocks(self.model, answers, prompts, seeds, block=block, desc=desc)
 
@@ -74,21 +77,24 @@ class Policy:
         """k responses to each prompt in one batch (seeds None and temperature 0: greedy)."""
         gens = None if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
         ids = generate(self.model, [self.encode(p) for p in prompts], max_new_tokens,
-                       temperature=temperature, top_p=top_p, eos_token_id=self.stops, generator=gens,
-                       num_samples=k)
-        return [[Sample(t, *data.response_text(self.tok, t, self.stops)) for t in ids[i * k:(i + 1) * k]]
-                for i in range(len(prompts))]
+                       temperature=temperature, top_p=top_p, eos_token_id=self.stops,
+                       generator=gens, num_samples=k)
+        samples = [Sample(t, *data.response_text(self.tok, t, self.stops)) for t in ids]
+        return [samples[i * k:(i + 1) * k] for i in range(len(prompts))]
 
 
 def load_policy(path, fmt, device=None):
     """A causal LM checkpoint, its tokenizer and prompt format, as a Policy."""
     lm = load_model(path, device)
     if lm.config.reward:
-        raise ValueError(f"policy {path} is a reward model ({lm.config.arch}); it must be a causal LM")
+        raise ValueError(f"policy {path} is a reward model ({lm.config.arch}); it must be a "
+                         f"causal LM")
     tok = data.load_tokenizer(path)
     data.check_format(tok, fmt)
     end, stops = data.end_id(tok, fmt, lm.config), list(lm.config.stop_token_ids)
-    return Policy(lm, tok, fmt, stops + [end] if end not in stops else stops, data.pad_id(lm.config))
+    if end not in stops:
+        stops.append(end)
+    return Policy(lm, tok, fmt, stops, data.pad_id(lm.config))
 
 
 # ---- Reward models and LLM judges ----------------------------------------------------------------
@@ -104,8 +110,8 @@ class Scorer:
     responses is better. It gets the text of a response and formats it for its own tokenizer."""
     model: torch.nn.Module  # a model.RewardModel or encoder.EncoderRewardModel; a judge: a CausalLM
     tok: object          # its tokenizers.Tokenizer
-    fmt: str             # its prompt format (data.FORMATS), or "pair" for an encoder (data.pair_ids)
-    eos: int | None      # the token a finished response ends with, for this model (an encoder: None)
+    fmt: str             # its prompt format (data.FORMATS); an encoder: "pair" (data.pair_ids)
+    eos: int | None      # the token a finished response ends with (an encoder: None)
     pad: int
     judge: bool = False
     min_mass: float = 0.1  # a judge whose two labels get less probability than this gave no answer
@@ -122,9 +128,9 @@ class Scorer:
         return reward_scores(self.model, rows, self.pad, groups=prompts)  # a prompt computed once
 
     def margins(self, prompts, firsts, seconds):
-        """How much it prefers each first data.Sample over its second, (N,) on the CPU, 2 calls a pair:
-        a reward model scores both; a judge is asked in both orders (disagreeing: a tie, 0; NaN: an
-        invalid answer)."""
+        """How much it prefers each first data.Sample over its second, (N,) on the CPU, 2 calls a
+        pair: a reward model scores both; a judge is asked in both orders (disagreeing: a tie, 0;
+        NaN: an invalid answer)."""
         n = len(prompts)
         if not self.judge:
             s = self.score(prompts * 2, [a.text for a in firsts] + [b.text for b in seconds],
@@ -137,8 +143,8 @@ class Scorer:
         return torch.where((p1 > 0.5) != (p2 > 0.5), torch.zeros_like(margin), margin)  # NaN stays
 
     def tournament(self, prompt, texts):
-        """A judge's scores of n responses to one prompt: each asked against each other in both orders
-        (n(n-1) calls), a response's score its share of the wins. -> (scores (n,), calls)."""
+        """A judge's scores of n responses to one prompt: each asked against each other in both
+        orders (n(n-1) calls), a response's score its share of the wins. -> (scores (n,), calls)."""
         n = len(texts)
         order = [(i, j) for i in range(n) for j in range(n) if i != j]
         p = self.compare([prompt] * len(order), [texts[i] for i, _ in order],
@@ -152,8 +158,9 @@ class Scorer:
 
     @torch.no_grad()
     def compare(self, prompts, first, second):
-        """LLM judge: P(first is better) from the next-token probabilities of the labels "A" and "B",
-        (N,) on the CPU, NaN where the two labels get less than min_mass (an invalid answer)."""
+        """LLM judge: P(first is better) from the next-token probabilities of the labels "A" and
+        "B", (N,) on the CPU, NaN where the two labels get less than min_mass (an invalid
+        answer)."""
         label_ids = [self.tok.encode(x, add_special_tokens=False).ids[0] for x in ("A", "B")]
         rows = [data.encode_prompt(self.tok, self.fmt, JUDGE_TEMPLATE.format(prompt=p, a=a, b=b))
                 for p, a, b in zip(prompts, first, second)]
@@ -161,8 +168,9 @@ class Scorer:
         for s in range(0, len(rows), 16):  # rows of one prompt share their common ids (data.pack)
             part = rows[s:s + 16]
             b = {k: v.to(dev) for k, v in data.pack(part, self.pad, prompts[s:s + 16]).items()}
-            logits = self.model(b["input_ids"], b["attention_mask"], select=data.last_index(b, part),
-                                branch=b["branch"])
+            last = data.last_index(b, part)
+            logits = self.model(b["input_ids"], b["attention_mask"], select=last,
+                                branch=b["branch"])                             # (N, V)
             probs = logits.float().softmax(-1).cpu()
             pa, pb = probs[:, label_ids[0]], probs[:, label_ids[1]]
             out.append(torch.where(pa + pb < self.min_mass, torch.full_like(pa, float("nan")),
@@ -170,31 +178,35 @@ class Scorer:
         return torch.cat(out)
 
     def scores_each(self, prompts, pools, block=64, batched=True):
-        """Per prompt, the scores of its pool of data.Samples, (n,) on the CPU, or None where the pool
-        is None. A reward model scores a block's pools in one batch (batched) or each pool apart (n
-        calls); a judge runs a tournament on each (n(n-1) calls)."""
+        """Per prompt, the scores of its pool of data.Samples, (n,) on the CPU, or None where the
+        pool is None. A reward model scores a block's pools in one batch (batched) or each pool
+        apart (n calls); a judge runs a tournament on each (n(n-1) calls)."""
         def scores(prompts, pools):
             if self.judge:
-                return [self.tournament(p, [c.text for c in pool])[0] for p, pool in zip(prompts, pools)]
-            if not batched:
-                return [self.score([p] * len(pool), [c.text for c in pool], [c.finished for c in pool])
+                return [self.tournament(p, [c.text for c in pool])[0]
                         for p, pool in zip(prompts, pools)]
+            if not batched:
+                return [self.score([p] * len(c), [x.text for x in c], [x.finished for x in c])
+                        for p, c in zip(prompts, pools)]
             flat = [(p, c) for p, pool in zip(prompts, pools) for c in pool]
-            s = self.score([p for p, _ in flat], [c.text for _, c in flat], [c.finished for _, c in flat])
+            s = self.score([p for p, _ in flat], [c.text for _, c in flat],
+                           [c.finished for _, c in flat])
             return [x.clone() for x in s.split([len(pool) for pool in pools])]
         return in_blocks(self.model, partial(live_only, scores), prompts, pools, block=block)
 
     def margins_each(self, prompts, firsts, seconds, block=64):
-        """Per prompt, how much it prefers its first data.Sample over its second (a float; margins), or
-        None where its first is None; each block's pairs in one batch."""
+        """Per prompt, how much it prefers its first data.Sample over its second (a float; margins),
+        or None where its first is None; each block's pairs in one batch."""
         def margins(prompts, firsts, seconds):
             return self.margins(prompts, firsts, seconds).tolist()
-        return in_blocks(self.model, partial(live_only, margins), prompts, firsts, seconds, block=block)
+        return in_blocks(self.model, partial(live_only, margins), prompts, firsts, seconds,
+                         block=block)
 
 
 def load_scorer(path, fmt, device=None, judge=False, min_mass=0.1, reward_head=False):
-    """A checkpoint with its tokenizer and prompt format as a Scorer: a reward model, or with judge=True
-    a causal LM; with reward_head=True a causal LM gets a fresh scalar head (a student to train)."""
+    """A checkpoint with its tokenizer and prompt format as a Scorer: a reward model, or with
+    judge=True a causal LM; with reward_head=True a causal LM gets a fresh scalar head (a student to
+    train)."""
     m = load_model(path, device)
     if judge and m.config.reward:
         raise ValueError(f"{path} is a reward model; an LLM judge must be a causal LM")
@@ -207,11 +219,12 @@ def load_scorer(path, fmt, device=None, judge=False, min_mass=0.1, reward_head=F
     if m.config.encoder:  # it reads the pair encoding ("pair"): no prompt format, no stop token
         post = tok.post_processor
         if post is None or post.num_special_tokens_to_add(True) == 0:
-            raise ValueError(f"tokenizer.json in {path} has no post-processor that builds pairs; an "
-                             f"encoder reward model reads its tokenizer's pair encoding, e.g. "
+            raise ValueError(f"tokenizer.json in {path} has no post-processor that builds pairs; "
+                             f"an encoder reward model reads its tokenizer's pair encoding, e.g. "
                              f"[CLS] prompt [SEP] response [SEP]")
         tok.no_truncation()  # data.pair_ids truncates, by its own rule; data.pad pads
         tok.no_padding()
         return Scorer(m, tok, "pair", None, data.pad_id(m.config), judge, min_mass)
     data.check_format(tok, fmt)
-    return Scorer(m, tok, fmt, data.end_id(tok, fmt, m.config), data.pad_id(m.config), judge, min_mass)
+    eos = data.end_id(tok, fmt, m.config)
+    return Scorer(m, tok, fmt, eos, data.pad_id(m.config), judge, min_mass)

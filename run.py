@@ -1,20 +1,21 @@
 """
-Everything around the rounds: the options checked, the three models and the prompts set up, and the run
-folder, written so that an interrupted run loses at most the round in progress and `--resume` continues it.
+Everything around the rounds: the process group joined, the roles and the prompts set up, and the
+run folder, written so that an interrupted run loses at most the round in progress and `--resume`
+continues it.
 
-    runs/<date>-<time>/          (--out)
-      .lock                      held by the run while it runs (runlock.py), naming its process id and host
-      config.json                the resolved options (a resumed run must not change them)
-      metrics.jsonl              one JSON object per finished round, rebuilt after each one
-      round_0/                   base_eval.json: the base policy's held-out answers, the agreement pairs
-                                 and the warm-up pairs; student/ after a warm-up
-      round_N/                   policy/ and student/ (Hugging Face checkpoints), pairs.jsonl,
-                                 examples.json, metrics.json
+    runs/<date>-<time>/   (--out)
+      .lock               held by the run while it runs (runlock.py), naming its process id and host
+      config.json         the resolved options (a resumed run must not change them)
+      metrics.jsonl       one JSON object per finished round, rebuilt after each one
+      round_0/            base_eval.json: the base policy's held-out answers, the agreement pairs
+                          and the warm-up pairs; student/ after a warm-up
+      round_N/            policy/ and student/ (Hugging Face checkpoints), pairs.jsonl,
+                          examples.json, metrics.json
 
-A round folder is written under a temporary name and renamed into place when complete: round_N is always
-whole. Only rank 0 writes (under torchrun every process runs the loop). One run at a time holds the folder;
-a write that fails (a full disk) or a Ctrl-C stops every process with one line that says what is saved and
-how to continue, and --resume first checks every file it will read back.
+A round folder is written under a temporary name and renamed into place when complete: round_N is
+always whole. Only rank 0 writes (under torchrun every process runs the loop). One run at a time
+holds the folder; a write that fails (a full disk) or a Ctrl-C stops every process with one line
+that says what is saved and how to continue, and --resume first checks every file it will read back.
 """
 import glob
 import json
@@ -34,8 +35,8 @@ import torch
 import data
 import evaluate
 import report
-import runlock
 import parallel
+import runlock
 from checkpoint import check_folder, load_model, read_config, save_model
 from config import fail
 from data import Pair, Sample
@@ -49,10 +50,11 @@ def say(*a, **kw):  # print, on rank 0 only (under torchrun every process runs t
 
 
 def start(args, explicit):
-    """Join torchrun's process group (each process its own device), then rank 0 opens (and locks) the run
-    folder, or reads the run to resume (open_run), and every process takes the options it settled."""
-    device = parallel.init_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
-                                       args.fsdp)
+    """Join torchrun's process group (each process its own device), then rank 0 opens (and locks)
+    the run folder, or reads the run to resume (open_run), and every process takes the options it
+    settled."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = parallel.init_distributed(device, args.fsdp)
     if parallel.is_main():
         try:
             args = open_run(args, explicit)
@@ -79,14 +81,14 @@ class Setup:
     eval_prompts: list
     device: str
     world: object = None        # the world module, in the default world
-    oracle: object = None       # its oracle (plays the paper's GPT-4 judge; never a training signal)
+    oracle: object = None       # its oracle (the paper's GPT-4 judge; never a training signal)
     max_shard_size: float = 5e9  # bytes per weight file of a saved checkpoint
 
 
-def setup(args, eval_seed):
-    """Load the three models (the world's, or the checkpoints given), read and split the prompts, and
-    choose the judge of the win rate. Raises ValueError or FileNotFoundError."""
-    for d in (args.policy, args.student, args.teacher, args.judge):  # each one's files, before loading
+def set_up(args, eval_seed):
+    """Load the three models (the world's, or the checkpoints given), read and split the prompts,
+    and choose the judge of the win rate. Raises ValueError or FileNotFoundError."""
+    for d in (args.policy, args.student, args.teacher, args.judge):  # all, before loading one
         if d:
             check_folder(d)
     if args.policy is None:
@@ -95,7 +97,7 @@ def setup(args, eval_seed):
         if args.rebuild_world:  # rank 0 builds; the others wait, then read it
             parallel.alone(world.rebuild)
         built = world.cache_folder() if args.rebuild_world else world.SHIPPED
-        # --student, --teacher: another student or teacher in the world (a distilled student, for one)
+        # --student, --teacher: another student or teacher in the world (a distilled one)
         dirs = [os.path.join(built, "policy"), args.student or os.path.join(built, "student"),
                 args.teacher or os.path.join(built, "teacher")]
         rng, n = random.Random(eval_seed), args.eval_count
@@ -118,21 +120,23 @@ def setup(args, eval_seed):
         evaluator = evaluate.Evaluator("judge", judge=judge)
     else:
         evaluator = evaluate.Evaluator("teacher", judge=teacher)
-    data.check_lengths(policy, [student, teacher], (train_prompts or []) + held, args.max_new_tokens)
+    data.check_lengths(policy, [student, teacher], (train_prompts or []) + held,
+                       args.max_new_tokens)
     policy.model = parallel.place(policy.model, args.fsdp)
     student.model = parallel.place(student.model, args.fsdp)
-    return Setup(policy, student, teacher, evaluator, dirs[0], train_prompts, held, args.device, world,
-                 world.oracle if world else None, args.max_shard_size * 1e9)
+    return Setup(policy, student, teacher, evaluator, dirs[0], train_prompts, held, args.device,
+                 world, world.oracle if world else None, args.max_shard_size * 1e9)
 
 
-def round_prompts(S, n, seed):
-    """A round's prompts: a seeded draw from --prompts, or fresh ones from the world; never a held-out one."""
+def round_prompts(setup, n, seed):
+    """A round's prompts: a seeded draw from --prompts, or fresh ones from the world; never a
+    held-out one."""
     rng = random.Random(seed)
-    if S.world is None:
-        return rng.sample(S.train_prompts, min(n, len(S.train_prompts)))
-    held, out = set(S.eval_prompts), []
+    if setup.world is None:
+        return rng.sample(setup.train_prompts, min(n, len(setup.train_prompts)))
+    held, out = set(setup.eval_prompts), []
     while len(out) < n:
-        p = S.world.random_prompt(rng)
+        p = setup.world.random_prompt(rng)
         if p not in held:
             out.append(p)
     return out
@@ -141,8 +145,8 @@ def round_prompts(S, n, seed):
 # ---- Files, written atomically -------------------------------------------------------------------
 
 def write_json(path, obj, lines=False):
-    """obj as standard JSON (lines: a list, one object per line), written aside and renamed into place. A
-    value that is not a finite number (a mean over nothing, or a NaN read from an older folder) is null."""
+    """obj as standard JSON (lines: a list, one object per line), written aside and renamed into
+    place. A value that is not a finite number is null (finite)."""
     obj = finite(obj)
     with open(path + ".tmp", "w") as f:
         f.write("".join(json.dumps(x, allow_nan=False) + "\n" for x in obj) if lines
@@ -151,10 +155,16 @@ def write_json(path, obj, lines=False):
 
 
 def finite(x):
+    """x with None for each float that is not finite. Our metrics hold None for a mean over
+    nothing; a NaN comes from a round's metrics.json written before commit b81f131 (json's NaN for
+    a mean over nothing), which --resume reads back into metrics.jsonl."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
-    return {k: finite(v) for k, v in x.items()} if isinstance(x, dict) else [finite(v) for v in x] \
-        if isinstance(x, (list, tuple)) else x
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
 
 
 def read_json(path, lines=False):
@@ -165,25 +175,27 @@ def read_json(path, lines=False):
 # ---- Rounds --------------------------------------------------------------------------------------
 
 def round_folders(out):
-    """The numbers N of the round_N folders in out (a folder renamed aside, round_3.old, is not one)."""
+    """The numbers N of the round_N folders in out (one renamed aside, round_3.old, is not one)."""
     return sorted(int(n[6:]) for n in os.listdir(out) if re.fullmatch(r"round_\d+", n))
 
 
 def finished_rounds(out):
-    """Rounds whose folder was completed (a round folder appears only once everything in it is written)."""
-    return [r for r in round_folders(out) if os.path.exists(os.path.join(out, f"round_{r}", "metrics.json"))]
+    """Rounds whose folder was completed (it appears only once everything in it is written)."""
+    return [r for r in round_folders(out)
+            if os.path.exists(os.path.join(out, f"round_{r}", "metrics.json"))]
 
 
 class SaveFailed(Exception):
-    """A write to the run folder failed (a full disk, a quota, a lost mount): its one line, on every process."""
+    """A write to the run folder failed (a full disk, a quota, a lost mount): its one line, on
+    every process."""
 
 
 def commit_round(out, r, write, *args):
-    """Call write(folder, *args) on a temporary folder, then rename it to round_r: a crash leaves no half
-    round.
-    Then rebuild metrics.jsonl and report.html from every finished round. Under torchrun every process calls
-    this (sharded checkpoints are gathered by all of them); rank 0 writes. An OSError there: the partial
-    folder goes, and every process raises SaveFailed with the same line."""
+    """Call write(folder, *args) on a temporary folder, then rename it to round_r: a crash leaves no
+    half round. Then rebuild metrics.jsonl and report.html from every finished round. Under torchrun
+    every process calls this (sharded checkpoints are gathered by all of them); rank 0 writes. An
+    OSError there: the partial folder goes, and every process raises SaveFailed with the same
+    line."""
     tmp, main, error = os.path.join(out, f".round_{r}.tmp"), parallel.is_main(), None
     try:
         if main:
@@ -192,41 +204,48 @@ def commit_round(out, r, write, *args):
     except OSError as e:
         error = e
     try:
-        write(tmp, *args)  # even after a failed makedirs: under --fsdp the others gather each weight with rank 0
-        if main and not error:
-            os.replace(tmp, os.path.join(out, f"round_{r}"))  # round_r is absent: --resume checked the folder
+        # even after a failed makedirs: under --fsdp the others gather each weight with rank 0
+        write(tmp, *args)
+        if main and not error:  # round_r is absent: --resume checked the folder
+            os.replace(tmp, os.path.join(out, f"round_{r}"))
     except OSError as e:
         error = error or e
     if main and error:
         shutil.rmtree(tmp, ignore_errors=True)
-        agree(f"round {r} was not saved ({why(error)}); {saved(out)}; free space, then continue with: "
-              f"{resume_command(out)}")
+        agree(f"round {r} was not saved ({why(error)}); {saved(out)}; free space, then continue "
+              f"with: {resume_command(out)}")
     agree(rebuild_summaries(out) if main else None)
 
 
 def agree(message):
-    """Rank 0's line about a failed write, on every process (a collective): each raises SaveFailed with it."""
+    """Rank 0's line about a failed write, on every process (a collective): each raises
+    SaveFailed with it."""
     message = parallel.broadcast(message)
     if message:
         raise SaveFailed(message)
 
 
 def rebuild_summaries(out):
-    """metrics.jsonl and report.html from every finished round (rank 0); a line if they could not be written."""
+    """metrics.jsonl and report.html from every finished round (rank 0); a line if they could not
+    be written."""
     try:
-        write_json(os.path.join(out, "metrics.jsonl"),
-                   [read_json(os.path.join(out, f"round_{i}", "metrics.json")) for i in finished_rounds(out)], lines=True)
+        rows = [read_json(os.path.join(out, f"round_{i}", "metrics.json"))
+                for i in finished_rounds(out)]
+        write_json(os.path.join(out, "metrics.jsonl"), rows, lines=True)
         report.write_run_report(out)
     except OSError as e:
-        for name in ("metrics.jsonl.tmp", "report.html.tmp"):  # what was written of them; the old files stay
+        for name in ("metrics.jsonl.tmp", "report.html.tmp"):  # what was written; old files stay
             with suppress(OSError):
                 os.remove(os.path.join(out, name))
-        return (f"round {max(finished_rounds(out))} is saved in {out}, but metrics.jsonl or report.html could not be "
-                f"rewritten ({why(e)}); free space, then --resume rebuilds them: {resume_command(out)}")
+        return (f"round {max(finished_rounds(out))} is saved in {out}, but metrics.jsonl or "
+                f"report.html could not be rewritten ({why(e)}); free space, then --resume "
+                f"rebuilds them: {resume_command(out)}")
 
 
 def why(e):  # an OSError in a few words, with the file it was about
-    return f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e.strerror or e)
+    if getattr(e, "filename", None):
+        return f"{e.strerror or e}: {e.filename}"
+    return str(e.strerror or e)
 
 
 def saved(out, size=True):
@@ -235,17 +254,22 @@ def saved(out, size=True):
     if not done:
         return f"no round is finished yet in {out}"
     last, folder = max(done), os.path.join(out, f"round_{max(done)}")
-    took = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files) if size else 0
-    return (f"{f'rounds 0-{last} are' if last else 'round 0 is'} saved in {out}"
-            + (f" (round {last} took {took / 1e6:.1f} MB)" if size else ""))
+    line = f"{f'rounds 0-{last} are' if last else 'round 0 is'} saved in {out}"
+    if not size:
+        return line
+    took = sum(os.path.getsize(os.path.join(d, f))
+               for d, _, files in os.walk(folder) for f in files)
+    return line + f" (round {last} took {took / 1e6:.1f} MB)"
 
 
 def resume_command(out):
-    return f"{'torchrun ...' if 'LOCAL_RANK' in os.environ else 'python'} tsalign.py --resume --out {out}"
+    how = "torchrun ..." if "LOCAL_RANK" in os.environ else "python"
+    return f"{how} tsalign.py --resume --out {out}"
 
 
 def write_config(args):
-    """config.json (rank 0); on --resume metrics.jsonl and report.html are rebuilt too. SaveFailed on a failure."""
+    """config.json (rank 0); on --resume metrics.jsonl and report.html are rebuilt too. SaveFailed
+    on a failure."""
     message, path = None, os.path.join(args.out, "config.json")
     if parallel.is_main():
         try:
@@ -253,38 +277,43 @@ def write_config(args):
         except OSError as e:
             with suppress(OSError):
                 os.remove(path + ".tmp")
-            message = f"{path} could not be written ({e.strerror or e}); free space, then run the same command again"
-        if message is None and finished_rounds(args.out):  # --resume: as they were after the last round
+            message = (f"{path} could not be written ({e.strerror or e}); free space, then run the "
+                       f"same command again")
+        if message is None and finished_rounds(args.out):  # --resume: as after the last round
             message = rebuild_summaries(args.out)
     agree(message)
 
 
 def load_base(out):
-    """What save_round0 wrote: answers [(greedy Sample, [Sample])], agreement pairs, warm-up pairs."""
+    """What save_round0 wrote: answers [(greedy Sample, [Sample])], agreement pairs, warm-up
+    pairs."""
     base = read_json(os.path.join(out, "round_0", "base_eval.json"))
-    answers = [(Sample(**g), [Sample(**s) for s in group]) for g, group in zip(base["greedy"], base["sampled"])]
-    return answers, [Pair(**p) for p in base["agreement_pairs"]], [Pair(**p) for p in base["warmup_pairs"]]
+    answers = [(Sample(**g), [Sample(**s) for s in group])
+               for g, group in zip(base["greedy"], base["sampled"])]
+    pairs = [[Pair(**p) for p in base[key]] for key in ("agreement_pairs", "warmup_pairs")]
+    return answers, *pairs
 
 
-def resume(S, out, done, fsdp):
+def resume(setup, out, done, fsdp):
     """What the loop needs of the finished rounds `done` in out: the base policy's held-out answers,
-    the agreement pairs and every teacher pair so far (the warm-up's, then each round's: the student's
-    replay). The last round's policy and the newest student saved replace S's."""
+    the agreement pairs and every teacher pair so far (the warm-up's, then each round's: the
+    student's replay). The last round's policy and the newest student saved replace setup's."""
     last = max(done)
     base, agreement, replay = load_base(out)
     for r in range(1, last + 1):
-        replay += [Pair(**p) for p in read_json(os.path.join(out, f"round_{r}", "pairs.jsonl"), lines=True)]
+        replay += [Pair(**p) for p in read_json(os.path.join(out, f"round_{r}", "pairs.jsonl"),
+                                                lines=True)]
     if last >= 1:
         policy_dir = os.path.join(out, f"round_{last}", "policy")
-        S.policy.model = parallel.place(load_model(policy_dir, S.device), fsdp)
+        setup.policy.model = parallel.place(load_model(policy_dir, setup.device), fsdp)
     if student_dir := latest(out, last, "student"):
-        S.student.model = parallel.place(load_model(student_dir, S.device), fsdp)
+        setup.student.model = parallel.place(load_model(student_dir, setup.device), fsdp)
     return base, agreement, replay
 
 
 def save_models(folder, max_shard_size, **models):
-    """save_model each into folder/name. An OSError (rank 0) comes after every model's save, as under --fsdp
-    the other processes gather the weights of each with rank 0."""
+    """save_model each into folder/name. An OSError (rank 0) comes after every model's save, as
+    under --fsdp the other processes gather the weights of each with rank 0."""
     error = None
     for name, m in models.items():
         try:
@@ -295,30 +324,34 @@ def save_models(folder, max_shard_size, **models):
         raise error
 
 
-def save_round(folder, S, pairs, answers, base, metrics):
-    """round_N: the policy and student checkpoints, pairs.jsonl (the format other preference-training tools
-    read, plus our margins and the policy's token ids), a few held-out answers (with the oracle's scores in
-    the default world), the metrics."""
-    save_models(folder, S.max_shard_size, policy=S.policy.model, student=S.student.model)
+def save_round(folder, setup, pairs, answers, base, metrics):
+    """round_N: the policy and student checkpoints, pairs.jsonl (the format other
+    preference-training tools read, plus our margins and the policy's token ids), a few held-out
+    answers (with the oracle's scores in the default world), the metrics."""
+    save_models(folder, setup.max_shard_size, policy=setup.policy.model,
+                student=setup.student.model)
     if not parallel.is_main():
         return
     write_json(os.path.join(folder, "pairs.jsonl"), [p.to_json() for p in pairs], lines=True)
-    score = partial(evaluate.oracle_score, S.oracle) if S.oracle else lambda p, s: None
+    oracle = setup.oracle
+    score = partial(evaluate.oracle_score, oracle) if oracle else lambda p, s: None
     write_json(os.path.join(folder, "examples.json"),
                [{"prompt": p, "response": g.text, "oracle": score(p, g), "base_oracle": score(p, b)}
-                for p, (g, _), (b, _) in zip(S.eval_prompts[:5], answers, base)])
+                for p, (g, _), (b, _) in zip(setup.eval_prompts[:5], answers, base)])
     write_json(os.path.join(folder, "metrics.json"), metrics)
 
 
-def save_round0(folder, S, answers, agreement_pairs, warmup_pairs, warmed, metrics):
-    """round_0: base_eval.json (the base policy's held-out answers, the agreement and warm-up pairs), the
-    metrics, and with warmed the student after its warm-up."""
+def save_round0(folder, setup, answers, agreement_pairs, warmup_pairs, warmed, metrics):
+    """round_0: base_eval.json (the base policy's held-out answers, the agreement and warm-up
+    pairs), the metrics, and with warmed the student after its warm-up."""
     if warmed:
-        save_models(folder, S.max_shard_size, student=S.student.model)
+        save_models(folder, setup.max_shard_size, student=setup.student.model)
     if not parallel.is_main():
         return
-    base = {"greedy": [g.__dict__ for g, _ in answers], "sampled": [[s.__dict__ for s in g] for _, g in answers],
-            "agreement_pairs": [p.to_json() for p in agreement_pairs], "warmup_pairs": [p.to_json() for p in warmup_pairs]}
+    base = {"greedy": [g.__dict__ for g, _ in answers],
+            "sampled": [[s.__dict__ for s in g] for _, g in answers],
+            "agreement_pairs": [p.to_json() for p in agreement_pairs],
+            "warmup_pairs": [p.to_json() for p in warmup_pairs]}
     write_json(os.path.join(folder, "base_eval.json"), base)
     write_json(os.path.join(folder, "metrics.json"), metrics)
 
@@ -337,8 +370,8 @@ RESUME_FREE = ("rounds", "resume", "out", "rebuild_world", "device", "report", "
 
 def open_run(args, explicit):
     """Set args.out to a new run folder, or to the one to resume, whose saved options then win (an
-    option given explicitly with another value is an error). The folder is locked before anything in it
-    is read or written, and a folder to resume is checked whole before anything is loaded."""
+    option given explicitly with another value is an error). The folder is locked before anything in
+    it is read or written, and a folder to resume is checked whole before anything is loaded."""
     if args.resume and args.out is None:
         runs = sorted(glob.glob(os.path.join("runs", "*", "config.json")))
         if not runs:
@@ -351,7 +384,8 @@ def open_run(args, explicit):
         except runlock.Refused as e:
             fail(str(e))
         if os.path.exists(os.path.join(args.out, "config.json")):
-            fail(f"{args.out} holds another run; use --resume to continue it or choose another --out")
+            fail(f"{args.out} holds another run; use --resume to continue it or choose another "
+                 f"--out")
         return args
     cfg_path = os.path.join(args.out, "config.json")
     if not os.path.exists(cfg_path):
@@ -363,12 +397,15 @@ def open_run(args, explicit):
     try:
         saved = read_json(cfg_path)
     except ValueError as e:
-        fail(f"--resume: {cfg_path} is damaged ({e}); the run's options are in it: repair it, or start a new run")
+        fail(f"--resume: {cfg_path} is damaged ({e}); the run's options are in it: repair it, or "
+             f"start a new run")
     check_rounds(args.out)
-    diff = [k for k in saved if k not in RESUME_FREE and k in explicit and getattr(args, k) != saved[k]]
+    diff = [k for k in saved
+            if k not in RESUME_FREE and k in explicit and getattr(args, k) != saved[k]]
     if diff:
         fail("--resume: options differ from the run being resumed: "
-             + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (run has {saved[k]})" for k in diff))
+             + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (run has {saved[k]})"
+                         for k in diff))
     for k, v in saved.items():
         if k not in RESUME_FREE:
             setattr(args, k, v)
@@ -376,18 +413,23 @@ def open_run(args, explicit):
 
 
 def check_rounds(out):
-    """--resume reads back every round from round_0 to the newest and loads the newest policy and student:
-    each file must parse and each checkpoint pass check_folder, checked before anything is loaded. A damaged
-    one: fail() naming it and how to redo its round (nothing is moved or deleted here)."""
+    """--resume reads back every round from round_0 to the newest and loads the newest policy and
+    student: each file must parse and each checkpoint pass check_folder, checked before anything is
+    loaded. A damaged one: fail() naming it and how to redo its round (nothing is moved or deleted
+    here)."""
     last = max(round_folders(out), default=-1)
     pairs = lambda p: [Pair(**x) for x in read_json(p, lines=True)]  # noqa: E731
     for r in range(last + 1):
         d = os.path.join(out, f"round_{r}")
-        reads = [("metrics.json", read_json), ("base_eval.json", lambda p: load_base(out)) if r == 0 else
-                 ("pairs.jsonl", pairs)]
+        reads = [("metrics.json", read_json)]
+        if r == 0:
+            reads.append(("base_eval.json", lambda p: load_base(out)))
+        else:
+            reads.append(("pairs.jsonl", pairs))
         if r == last:  # what the run loads, and what it prints at the end
-            reads += [("examples.json", read_json)] * (r > 0) + [(n, check_folder) for n in ("policy", "student")
-                                                                 if r > 0 or os.path.isdir(os.path.join(d, n))]
+            reads += [("examples.json", read_json)] * (r > 0)
+            reads += [(n, check_folder) for n in ("policy", "student")
+                      if r > 0 or os.path.isdir(os.path.join(d, n))]
         for name, read in reads:
             try:
                 read(os.path.join(d, name))
@@ -395,8 +437,9 @@ def check_rounds(out):
                 missing = isinstance(e, FileNotFoundError) and read is not check_folder
                 how = "is missing" if missing else f"is damaged ({e})"
                 later = f" and every later round folder (to round_{last})" if r < last else ""
-                fail(f"--resume: {os.path.join(d, name)} {how}; to redo round {r}, move round_{r}{later} out of {out}, "
-                     f"then resume: {'they are' if later else 'it is'} recomputed from "
+                fail(f"--resume: {os.path.join(d, name)} {how}; to redo round {r}, move "
+                     f"round_{r}{later} out of {out}, then resume: "
+                     f"{'they are' if later else 'it is'} recomputed from "
                      f"{f'round {r - 1}' if r else 'the start'}")
 
 
@@ -418,12 +461,14 @@ def stopped(out, status):
     if parallel.is_main():
         how = "Ctrl-C" if status == 130 else "SIGTERM"
         if out and os.path.exists(os.path.join(out, "config.json")):
-            for tmp in glob.glob(os.path.join(out, ".round_*.tmp")):  # a round cut short by a second Ctrl-C
+            # a round cut short by a second Ctrl-C
+            for tmp in glob.glob(os.path.join(out, ".round_*.tmp")):
                 shutil.rmtree(tmp, ignore_errors=True)
-            print(f"\ntsalign: stopped by {how}; {saved(out, size=False)}; continue with: {resume_command(out)}",
-                  file=sys.stderr)
+            print(f"\ntsalign: stopped by {how}; {saved(out, size=False)}; continue with: "
+                  f"{resume_command(out)}", file=sys.stderr)
         else:
-            print(f"\ntsalign: stopped by {how} before the run started; nothing is saved", file=sys.stderr)
+            print(f"\ntsalign: stopped by {how} before the run started; nothing is saved",
+                  file=sys.stderr)
     sys.exit(status)
 
 
@@ -436,14 +481,16 @@ def save_failed(e):
 
 def print_table(out):
     rows = read_json(os.path.join(out, "metrics.jsonl"), lines=True)
-    print(f"\n{'round':>5} {'pairs':>6} {'teacher':>8} {'win(greedy)':>12} {'win(sampled)':>13} {'agreement':>10} "
-          f"{'dpo loss':>9} {'policy len':>10}")
-    num = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731  (None: a round without that value)
+    print(f"\n{'round':>5} {'pairs':>6} {'teacher':>8} {'win(greedy)':>12} {'win(sampled)':>13} "
+          f"{'agreement':>10} {'dpo loss':>9} {'policy len':>10}")
+    num = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731  (None: not measured)
     for m in rows:
-        print(f"{m['round']:>5} {m.get('pairs', 0):>6} {m.get('teacher_calls', m.get('teacher_calls_warmup', 0)):>8} "
-              f"{num(m['win_rate_vs_base'], '.3f'):>12} {num(m['win_rate_vs_base_sampled'], '.3f'):>13} "
-              f"{num(m.get('student_teacher_agreement'), '.3f'):>10} {num(m.get('dpo_loss'), '.4f'):>9} "
-              f"{num(m['policy_len'], '.2f'):>10}")
+        calls = m.get("teacher_calls", m.get("teacher_calls_warmup", 0))
+        print(f"{m['round']:>5} {m.get('pairs', 0):>6} {calls:>8} "
+              f"{num(m['win_rate_vs_base'], '.3f'):>12} "
+              f"{num(m['win_rate_vs_base_sampled'], '.3f'):>13} "
+              f"{num(m.get('student_teacher_agreement'), '.3f'):>10} "
+              f"{num(m.get('dpo_loss'), '.4f'):>9} {num(m['policy_len'], '.2f'):>10}")
     print(f"(win rates judged by: {rows[-1]['win_rate_judge']}; ties count half)")
 
 

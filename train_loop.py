@@ -2,15 +2,17 @@
 One plain training loop, and the three ways TS-Align uses it.
 
   train_reward  the student (or a teacher) learns to rank with the pairwise loss
-  train_dpo     the policy learns from the same pairs with DPO; the reference log-probs are computed
-                once, before the first update, in a no-grad pass, so no reference model stays in memory
+  train_dpo     the policy learns from the same pairs with DPO; the reference log-probs are
+                computed once, before the first update, in a no-grad pass, so no reference model
+                stays in memory
   train_sft     a causal LM imitates responses (how the default world builds its base policy)
 
-The loop (`train`) is AdamW, linear warm-up then a cosine or constant learning rate, gradient clipping and
-accumulation, a tqdm bar, a guard that refuses a non-finite update, and a safe point per micro-batch where a
-Ctrl-C stops the run; each trainer returns the mean of its metrics over the final epoch. Under torchrun it is data-parallel, and W processes take the very steps
-that one would. Everything here works on token ids (data.py makes them).
-Shapes: B batch, T time, C model dim, V vocab, N response positions in a batch.
+The loop (`train`) is AdamW, linear warm-up then a cosine or constant learning rate, gradient
+clipping and accumulation, a tqdm bar, a guard that refuses a non-finite update, and a safe point
+per micro-batch where a Ctrl-C stops the run; each trainer returns the mean of its metrics over the
+final epoch. Under torchrun it is data-parallel, and W processes take the very steps that one would.
+Everything here works on token ids (data.py makes them). Shapes: B batch, T time, C model dim, V
+vocab, N response positions in a batch.
 """
 import math
 from dataclasses import dataclass
@@ -23,7 +25,8 @@ from tqdm.auto import tqdm
 import data
 import losses
 from model import shares_prefix
-# Under torchrun (parallel.py); in one process world_size() is 1, rank() 0, and the rest does nothing.
+# Under torchrun (parallel.py); in one process world_size() is 1, rank() 0, and the rest does
+# nothing.
 from parallel import (gathered, is_main, rank, sharded, spread, stop_if, stop_votes, sum_over_ranks,
                       world_size)
 
@@ -46,7 +49,8 @@ class TrainConfig:
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"need lr > 0 and epochs, batch_size, grad_accum >= 1; got {self}")
         if not 0 <= self.warmup < 1 or self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"need 0 <= warmup < 1 and schedule cosine|constant; got {self.warmup}, {self.schedule}")
+            raise ValueError(f"need 0 <= warmup < 1 and schedule cosine|constant; got "
+                             f"{self.warmup}, {self.schedule}")
 
 
 class NonFiniteError(FloatingPointError):
@@ -65,23 +69,24 @@ def lr_factor(step, total, warmup_steps, schedule):
 
 
 def make_optimizer(params, tc):
-    """AdamW, fused: one kernel per step for all parameters, 4x faster than the default per-tensor loop
-    for 135M parameters on this CPU (and what Hugging Face's Trainer uses by default since torch 2.8)."""
+    """AdamW, fused: one kernel per step for all parameters, 4x faster than the default per-tensor
+    loop for 135M parameters on this CPU (and what Hugging Face's Trainer uses by default since
+    torch 2.8)."""
     return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
 
 
 def train(model, n_examples, loss_fn, tc):
-    """Minimise loss_fn over n_examples examples. loss_fn(net, indices) -> (mean loss over those examples,
-    dict of float metrics); net: the model, or its DistributedDataParallel wrapper under torchrun. Returns
-    the final epoch's mean metrics and loss. A non-finite loss or gradient raises NonFiniteError before the
-    optimizer touches anything, so the weights stay as they were."""
+    """Minimise loss_fn over n_examples examples. loss_fn(net, indices) -> (mean loss over those
+    examples, dict of float metrics); net: the model, or its DistributedDataParallel wrapper under
+    torchrun. Returns the final epoch's mean metrics and loss. A non-finite loss or gradient raises
+    NonFiniteError before the optimizer touches anything, so the weights stay as they were."""
     if n_examples == 0:
         raise ValueError(f"{tc.desc}: nothing to train on")
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
     W, R = world_size(), rank()
-    # DDP's wrapper hooks an all-reduce of the gradients into backward (our models hold no buffers, so it
-    # has none to re-broadcast). A sharded model reduce-scatters its gradients itself.
+    # DDP's wrapper hooks an all-reduce of the gradients into backward (our models hold no buffers,
+    # so it has none to re-broadcast). A sharded model reduce-scatters its gradients itself.
     net = DistributedDataParallel(model) if W > 1 and not sharded(model) else model
     opt = make_optimizer(params, tc)
     per_step = tc.batch_size * tc.grad_accum
@@ -90,7 +95,8 @@ def train(model, n_examples, loss_fn, tc):
     warmup_steps = round(tc.warmup * total)
     gen = torch.Generator().manual_seed(tc.seed)  # the same order on every rank
     model.train()
-    bar = tqdm(total=total, desc=tc.desc, disable=not (tc.progress and is_main()), leave=False, dynamic_ncols=True)
+    bar = tqdm(total=total, desc=tc.desc, disable=not (tc.progress and is_main()), leave=False,
+               dynamic_ncols=True)
     step = 0
     for epoch in range(tc.epochs):
         order = torch.randperm(n_examples, generator=gen).tolist()
@@ -100,54 +106,67 @@ def train(model, n_examples, loss_fn, tc):
             for g in opt.param_groups:
                 g["lr"] = tc.lr * lr_factor(step, total, warmup_steps, tc.schedule)
             for mb in range(0, len(chunk), tc.batch_size):
-                share = chunk[mb:mb + tc.batch_size][R::W]  # this rank's examples of the micro-batch
-                # Every rank runs the same number of backward passes, as each ends in an all-reduce: a
-                # rank with no example in this micro-batch runs one with weight 0.
+                share = chunk[mb:mb + tc.batch_size][R::W]  # this rank's share of the micro-batch
+                # Every rank runs the same number of backward passes, as each ends in an all-reduce:
+                # a rank with no example in this micro-batch runs one with weight 0.
                 loss, metrics = loss_fn(net, share or chunk[mb:mb + 1])
-                bad, *votes = sum_over_ranks([float(not torch.isfinite(loss)), *stop_votes()], device)
-                stop_if(votes)  # a safe point (see safe_point), in the collective every micro-batch has anyway
+                # a safe point (parallel.safe_point), in the collective every micro-batch has anyway
+                bad, *votes = sum_over_ranks([float(not torch.isfinite(loss)), *stop_votes()],
+                                             device)
+                stop_if(votes)
                 if bad:
                     opt.zero_grad(set_to_none=True)
-                    raise NonFiniteError(f"{tc.desc}: loss is not finite at step {step} (here {loss.item()}); the "
-                                         f"update was not applied and the weights are as they were before it")
-                # Each example weighs the same in the step; DDP averages over the W ranks, hence the * W.
+                    raise NonFiniteError(f"{tc.desc}: loss is not finite at step {step} (here "
+                                         f"{loss.item()}); the update was not applied and the "
+                                         f"weights are as they were before it")
+                # Each example weighs the same in the step; DDP averages over the W ranks, hence the
+                # * W.
                 (loss * (len(share) * W / len(chunk))).backward()
                 metrics = {"loss": loss.item(), **metrics}
                 for k, v in metrics.items():
                     sums[k] = sums.get(k, 0.0) + float(v) * len(share)
                 seen += len(share)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)  # the same on every rank
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tc.max_grad_norm)  # on every rank
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             if not torch.isfinite(grad_norm):
                 opt.zero_grad(set_to_none=True)
-                raise NonFiniteError(f"{tc.desc}: gradient norm is {grad_norm.item()} at step {step}; the update "
-                                     f"was not applied and the weights are as they were before it")
+                raise NonFiniteError(f"{tc.desc}: gradient norm is {grad_norm.item()} at step "
+                                     f"{step}; the update was not applied and the weights are as "
+                                     f"they were before it")
             opt.step()
             opt.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            bar.set_postfix(loss=f"{sums['loss'] / max(1, seen):.4f}", epoch=epoch + 1, refresh=False)
+            bar.set_postfix(loss=f"{sums['loss'] / max(1, seen):.4f}", epoch=epoch + 1,
+                            refresh=False)
     bar.close()
     model.eval()
     keys = sorted(sums)
     totals = sum_over_ranks([sums[k] for k in keys] + [seen], device)
-    local = lambda t: t.to_local() if hasattr(t, "to_local") else t  # noqa: E731  (this process's shard)
-    nbytes = lambda ts: sum(local(t).numel() * t.element_size() for t in ts if torch.is_tensor(t))  # noqa: E731
     return {**{k: v / totals[-1] for k, v in zip(keys, totals)}, "param_bytes": nbytes(params),
             "optimizer_bytes": nbytes(v for s in opt.state.values() for v in s.values())}
+
+
+def nbytes(tensors):
+    """The bytes of the tensors this process holds (under --fsdp, its shards)."""
+    local = [t.to_local() if hasattr(t, "to_local") else t for t in tensors if torch.is_tensor(t)]
+    return sum(t.numel() * t.element_size() for t in local)
 
 
 # ---- Log-probs of responses, with the output layer only where it is needed -----------------------
 
 def response_logprobs(lm, batch, average=False):
-    """log p(response | prompt) of each row (data.policy_batch), (R,) float32, summed over its response tokens
-    (losses.sequence_logprobs' rule) or with average=True their mean, and its number of response tokens, (R,).
-    The output layer runs only on the N positions that predict a response token. lm: a CausalLM, or its
-    DistributedDataParallel wrapper (which must be called, not bypassed, to all-reduce the gradients)."""
-    logits = lm(batch["input_ids"], batch["attention_mask"], select=batch["predict"], branch=batch.get("branch"))  # (N, V)
-    logp = losses.token_logprobs(logits, batch["target"])                                                        # (N,)
+    """log p(response | prompt) of each row (data.policy_batch), (R,) float32, summed over its
+    response tokens (losses.sequence_logprobs' rule) or with average=True their mean, and its number
+    of response tokens, (R,). The output layer runs only on the N positions that predict a response
+    token. lm: a CausalLM, or its DistributedDataParallel wrapper (which must be called, not
+    bypassed, to all-reduce the gradients)."""
+    logits = lm(batch["input_ids"], batch["attention_mask"], select=batch["predict"],
+                branch=batch.get("branch"))                                         # (N, V)
+    logp = losses.token_logprobs(logits, batch["target"])                           # (N,)
     n = batch["n_tokens"]
-    total = torch.zeros(len(n), device=logp.device, dtype=logp.dtype).index_add(0, batch["row"], logp)          # (R,)
+    total = torch.zeros(len(n), device=logp.device, dtype=logp.dtype)
+    total = total.index_add(0, batch["row"], logp)                                  # (R,)
     return (total / n.clamp(min=1) if average else total), n
 
 
@@ -156,24 +175,28 @@ def _device(model):
 
 
 def _pair_batch(pairs, pad_id, device, share=True):
-    """Chosen rows then rejected rows of (prompt_ids, chosen_ids, rejected_ids) triples, one batch of 2B rows;
-    with share, each pair packed in one row, its prompt computed once for both (data.pack)."""
+    """Chosen rows then rejected rows of (prompt_ids, chosen_ids, rejected_ids) triples, one batch
+    of 2B rows; with share, each pair packed in one row, its prompt computed once for both
+    (data.pack)."""
     prompts = [p for p, _, _ in pairs] * 2
     responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
     groups = list(range(len(pairs))) * 2 if share else None
-    return {k: v.to(device) for k, v in data.policy_batch(prompts, responses, pad_id, groups=groups).items()}
+    batch = data.policy_batch(prompts, responses, pad_id, groups=groups)
+    return {k: v.to(device) for k, v in batch.items()}
 
 
 @torch.no_grad()
 def _pair_logprobs(lm, pad_id, average, pairs):
     lm.eval()
-    logp, _ = response_logprobs(lm, _pair_batch(pairs, pad_id, _device(lm), shares_prefix(lm)), average)
-    return list(zip(logp[:len(pairs)].tolist(), logp[len(pairs):].tolist()))  # (chosen, rejected) per pair
+    logp, _ = response_logprobs(lm, _pair_batch(pairs, pad_id, _device(lm), shares_prefix(lm)),
+                                average)
+    n = len(pairs)
+    return list(zip(logp[:n].tolist(), logp[n:].tolist()))  # (chosen, rejected) per pair
 
 
 def reference_logprobs(lm, pairs, pad_id, batch_size=16, average=False):
-    """Log-probs of the chosen and rejected responses of (prompt_ids, chosen_ids, rejected_ids) triples
-    under lm, each (P,) on the CPU, in a no-grad pass."""
+    """Log-probs of the chosen and rejected responses of (prompt_ids, chosen_ids, rejected_ids)
+    triples under lm, each (P,) on the CPU, in a no-grad pass."""
     with gathered(lm):
         out = spread(partial(_pair_logprobs, lm, pad_id, average), pairs, block=batch_size)
     return torch.tensor([c for c, _ in out]), torch.tensor([r for _, r in out])
@@ -181,38 +204,42 @@ def reference_logprobs(lm, pairs, pad_id, batch_size=16, average=False):
 
 # ---- The three trainers --------------------------------------------------------------------------
 
-def train_dpo(lm, pairs, pad_id, tc, beta=0.1, loss_type="sigmoid", label_smoothing=0.0, sft_coef=0.0,
-              average=False, reference=None, rdpo_alpha=0.0):
-    """DPO (Rafailov et al. 2023, eq. 7) on (prompt_ids, chosen_ids, rejected_ids) triples of the policy's own
-    token ids; log-probs summed over the response tokens, or averaged (average=True, IPO's form). reference:
-    precomputed (ref_chosen, ref_rejected) log-probs, or None for lm as it is now (the round-start policy).
-    With sft_coef > 0, adds that times losses.sft_loss of the chosen responses; rdpo_alpha > 0 is R-DPO's
-    length term, on the responses' token counts."""
+def train_dpo(lm, pairs, pad_id, tc, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
+              sft_coef=0.0, average=False, reference=None, rdpo_alpha=0.0):
+    """DPO (Rafailov et al. 2023, eq. 7) on (prompt_ids, chosen_ids, rejected_ids) triples of the
+    policy's own token ids; log-probs summed over the response tokens, or averaged (average=True,
+    IPO's form). reference: precomputed (ref_chosen, ref_rejected) log-probs, or None for lm as it
+    is now (the round-start policy). With sft_coef > 0, adds that times losses.sft_loss of the
+    chosen responses; rdpo_alpha > 0 is R-DPO's length term, on the responses' token counts."""
     own_reference = reference is None
     share = shares_prefix(lm)
-    ref_c, ref_r = reference_logprobs(lm, pairs, pad_id, 2 * tc.batch_size, average) if own_reference else reference
+    if own_reference:
+        reference = reference_logprobs(lm, pairs, pad_id, 2 * tc.batch_size, average)
+    ref_c, ref_r = reference
     device = _device(lm)
     ref_c, ref_r = ref_c.to(device), ref_r.to(device)
     first = {}
 
     def loss_fn(net, idx):
-        logp, n_tok = response_logprobs(net, _pair_batch([pairs[i] for i in idx], pad_id, device, share), average)
+        batch = _pair_batch([pairs[i] for i in idx], pad_id, device, share)
+        logp, n_tok = response_logprobs(net, batch, average)
         B = len(idx)
         pi_c, pi_r = logp[:B], logp[B:]
         idx_t = torch.tensor(idx, device=device)
-        dpo, m = losses.dpo_loss(pi_c, pi_r, ref_c[idx_t], ref_r[idx_t], beta, loss_type, label_smoothing,
-                                 rdpo_alpha, n_tok[:B].float(), n_tok[B:].float())
+        dpo, m = losses.dpo_loss(pi_c, pi_r, ref_c[idx_t], ref_r[idx_t], beta, loss_type,
+                                 label_smoothing, rdpo_alpha, n_tok[:B].float(), n_tok[B:].float())
         loss = dpo.mean()
         metrics = {"dpo_loss": loss.item(), **{k: float(v) for k, v in m.items()}}
         if sft_coef > 0:
             sft = losses.sft_loss(pi_c * n_tok[:B] if average else pi_c, n_tok[:B])
             loss = loss + sft_coef * sft
             metrics["sft_loss"] = sft.item()
-        if not first:  # at step 0 the policy is its own reference: loss log 2, implicit reward margin 0
+        if not first:  # at step 0 the policy is its own reference: loss log 2, reward margin 0
             first.update(dpo_first_loss=metrics["dpo_loss"], first_margin=metrics["reward_margin"])
             if own_reference and abs(metrics["reward_margin"]) > 1e-3:
-                raise RuntimeError(f"DPO reference check failed: implicit reward margin {metrics['reward_margin']:.2e} "
-                                   f"at step 0, where the policy equals its reference and it must be 0")
+                raise RuntimeError(f"DPO reference check failed: implicit reward margin "
+                                   f"{metrics['reward_margin']:.2e} at step 0, where the policy "
+                                   f"equals its reference and it must be 0")
         return loss, metrics
 
     metrics = train(lm, len(pairs), loss_fn, tc)
@@ -221,20 +248,14 @@ def train_dpo(lm, pairs, pad_id, tc, beta=0.1, loss_type="sigmoid", label_smooth
 
 def train_reward(rm, pairs, pad_id, tc, margin=0.0):
     """The pairwise ranking loss (losses.ranking_loss) on pairs of (chosen_ids, rejected_ids), each
-    already formatted and tokenised for this reward model (data.reward_ids); the two rows of a pair packed
-    together, so their prompt is computed once (data.pack)."""
-    device = _device(rm)
-    share = shares_prefix(rm)
+    already formatted and tokenised for this reward model (data.reward_ids); the two rows of a pair
+    packed together, so their prompt is computed once (data.pack)."""
+    device, share = _device(rm), shares_prefix(rm)
 
     def loss_fn(net, idx):
         rows = [pairs[i][0] for i in idx] + [pairs[i][1] for i in idx]
-        if share:
-            b = data.pack(rows, pad_id, list(range(len(idx))) * 2)
-            r = net(b["input_ids"].to(device), b["attention_mask"].to(device), branch=b["branch"].to(device),
-                    select=data.last_index(b, rows).to(device))  # (2B,)
-        else:
-            ids, mask = data.pad(rows, pad_id)
-            r = net(ids.to(device), mask.to(device))  # (2B,)
+        groups = list(range(len(idx))) * 2 if share else None  # a pair's rows packed together
+        r = rewards(net, rows, pad_id, groups, device)  # (2B,)
         loss, m = losses.ranking_loss(r[:len(idx)], r[len(idx):], margin)
         return loss.mean(), {k: float(v) for k, v in m.items()}
 
@@ -242,11 +263,13 @@ def train_reward(rm, pairs, pad_id, tc, margin=0.0):
 
 
 def train_sft(lm, examples, pad_id, tc):
-    """Supervised fine-tuning (losses.sft_loss) on the response tokens of (prompt_ids, response_ids) examples."""
+    """Supervised fine-tuning (losses.sft_loss) on the response tokens of (prompt_ids,
+    response_ids) examples."""
     device = _device(lm)
 
     def loss_fn(net, idx):
-        batch = data.policy_batch([examples[i][0] for i in idx], [examples[i][1] for i in idx], pad_id)
+        batch = data.policy_batch([examples[i][0] for i in idx], [examples[i][1] for i in idx],
+                                  pad_id)
         logp, n_tok = response_logprobs(net, {k: v.to(device) for k, v in batch.items()})
         return losses.sft_loss(logp, n_tok), {}
 
@@ -255,9 +278,10 @@ def train_sft(lm, examples, pad_id, tc):
 
 @torch.no_grad()
 def reward_scores(rm, rows, pad_id, batch_size=64, groups=None):
-    """Scores of many tokenised sequences, (N,) on the CPU, in batches of about batch_size rows, taken by
-    length so that padding stays small. groups: a key per row (e.g. its prompt); rows with equal keys are
-    packed to compute their common prefix once (data.pack), unless rm reads whole rows (an encoder)."""
+    """Scores of many tokenised sequences, (N,) on the CPU, in batches of about batch_size rows,
+    taken by length so that padding stays small. groups: a key per row (e.g. its prompt); rows with
+    equal keys are packed to compute their common prefix once (data.pack), unless rm reads whole
+    rows (an encoder)."""
     rm.eval()
     share = shares_prefix(rm)
     members = {}
@@ -271,17 +295,21 @@ def reward_scores(rm, rows, pad_id, batch_size=64, groups=None):
         while end < len(units) and sum(map(len, units[start:end + 1])) <= batch_size:
             end += 1
         idx = [i for u in units[start:end] for i in u]
-        part = [rows[i] for i in idx]
-        if share:
-            b = data.pack(part, pad_id, [j for j, u in enumerate(units[start:end]) for _ in u])
-            r = rm(b["input_ids"].to(device), b["attention_mask"].to(device), branch=b["branch"].to(device),
-                   select=data.last_index(b, part).to(device))
-        else:
-            ids, mask = data.pad(part, pad_id)
-            r = rm(ids.to(device), mask.to(device))
-        out[idx] = r.float().cpu()
+        keys = [j for j, u in enumerate(units[start:end]) for _ in u] if share else None
+        out[idx] = rewards(rm, [rows[i] for i in idx], pad_id, keys, device).float().cpu()
         start = end
     return out
+
+
+def rewards(rm, rows, pad_id, groups, device):
+    """A reward model's score of each row, (R,): rows with equal groups keys packed to compute
+    their common prefix once (data.pack), or with groups None each padded alone (data.pad)."""
+    if groups is None:
+        ids, mask = data.pad(rows, pad_id)
+        return rm(ids.to(device), mask.to(device))
+    b = data.pack(rows, pad_id, groups)
+    return rm(b["input_ids"].to(device), b["attention_mask"].to(device),
+              branch=b["branch"].to(device), select=data.last_index(b, rows).to(device))
 
 
 def _packed_length(rows):

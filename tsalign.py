@@ -1,18 +1,21 @@
 """
-TS-Align (Zhang et al., 2024): align a policy with a cheap student reward model and an expensive teacher.
+TS-Align (Zhang et al., 2024): align a policy with a cheap student reward model and an expensive
+teacher.
 
 Each round, on fresh prompts and with the newest policy (on-policy):
   1. the policy samples K responses per prompt;
   2. the small student scores all K, and keeps its best and worst;
   3. the large teacher scores only those two, and its verdict orders them into a preference pair
      (prompt, chosen, rejected): 2 teacher calls per prompt instead of K;
-  4. pairs that teach nothing are dropped (too few finished responses, identical texts, a tiny margin);
-  5. the student learns the teacher's pairs with the pairwise ranking loss, replaying earlier rounds'
-     pairs so it keeps what it knew (our reading of the paper's multi-task adapter training);
+  4. pairs that teach nothing are dropped (too few finished responses, identical texts, a tiny
+     margin);
+  5. the student learns the teacher's pairs with the pairwise ranking loss, replaying earlier
+     rounds' pairs so it keeps what it knew (our reading of the paper's multi-task adapter
+     training);
   6. the policy learns the pairs with DPO, the policy at the start of the round as reference.
 Then held-out evaluation (evaluate.py), and the round is saved (run.py). The roles (roles.py) sample
-and score; under torchrun every process runs this file, the roles share each step's blocks of prompts
-out (parallel.py), and training is data-parallel (train_loop.py).
+and score; under torchrun every process runs this file, the roles share each step's blocks of
+prompts out (parallel.py), and training is data-parallel (train_loop.py).
 
     python tsalign.py --rounds 3          # the embedded default world (world.py), offline
     python tsalign.py --rounds 3 --policy DIR --student DIR --teacher DIR --prompts FILE \\
@@ -42,9 +45,9 @@ from data import Pair
 # ---- One round, step by step ---------------------------------------------------------------------
 
 def candidates(group, repeats=False):
-    """The responses of one prompt that may enter a pair: the finished ones (a truncated response never
-    competes), each text once; with repeats, every finished sample (teacher-all scores them all, as
-    RLHFlow-style iterative DPO does). None when they hold fewer than two distinct texts."""
+    """The responses of one prompt that may enter a pair: the finished ones (a truncated response
+    never competes), each text once; with repeats, every finished sample (teacher-all scores them
+    all, as RLHFlow-style iterative DPO does). None when they hold fewer than two distinct texts."""
     done = [s for s in group if s.finished]
     first = {}
     for s in done:
@@ -71,25 +74,26 @@ def best_and_worst(scores, calls=0):
 
 
 def length_penalised(scores, cands, length_penalty):
-    """A ranker's scores minus length_penalty x each response's token count (the policy's sampled ids,
-    its stop token included), as RLHFlow's len_penalty does before it picks a pair: longer must also be
-    better."""
+    """A ranker's scores minus length_penalty x each response's token count (the policy's sampled
+    ids, its stop token included), as RLHFlow's len_penalty does before it picks a pair: longer must
+    also be better."""
     lengths = torch.tensor([len(c.ids) for c in cands], dtype=scores.dtype)
     return scores - length_penalty * lengths
 
 
 def student_ranks(student, prompts, pools, length_penalty=0.0, block=64):
-    """2. The student scores every candidate, a block of prompts in one batch (less length_penalty per
-    token, --student-length-penalty): a Ranked per prompt, None where it has no candidates."""
+    """2. The student scores every candidate, a block of prompts in one batch (less length_penalty
+    per token, --student-length-penalty): a Ranked per prompt, None where it has no candidates."""
     scores = student.scores_each(prompts, pools, block)
     return [None if s is None else best_and_worst(length_penalised(s, pool, length_penalty))
             for s, pool in zip(scores, pools)]
 
 
 def teacher_decides(teacher, prompts, pools, ranked, length_penalty=0.0, block=64):
-    """3. The teacher scores only the student's best and worst (2 calls), and its verdict orders them:
-    where it prefers the student's worst, the pair is reversed. The margin becomes the teacher's (less
-    length_penalty per token the best is longer than the worst, --length-penalty)."""
+    """3. The teacher scores only the student's best and worst (2 calls), and its verdict orders
+    them: where it prefers the student's worst, the pair is reversed. The margin becomes the
+    teacher's (less length_penalty per token the best is longer than the worst,
+    --length-penalty)."""
     live = [i for i, r in enumerate(ranked) if r is not None and r.best != r.worst]
     firsts, seconds = [None] * len(ranked), [None] * len(ranked)
     for i in live:
@@ -97,8 +101,8 @@ def teacher_decides(teacher, prompts, pools, ranked, length_penalty=0.0, block=6
     margins = teacher.margins_each(prompts, firsts, seconds, block)
     m = torch.tensor([margins[i] for i in live])
     if length_penalty:  # (s_b - lambda |b|) - (s_w - lambda |w|)
-        longer = torch.tensor([len(firsts[i].ids) - len(seconds[i].ids) for i in live], dtype=m.dtype)
-        m = m - length_penalty * longer
+        longer = [len(firsts[i].ids) - len(seconds[i].ids) for i in live]
+        m = m - length_penalty * torch.tensor(longer, dtype=m.dtype)
     out = list(ranked)
     for i, mi in zip(live, m.tolist()):
         b, w = ranked[i].best, ranked[i].worst
@@ -116,9 +120,9 @@ class Mined:
 
 
 def keep_pairs(prompts, samples, pools, ranked, min_margin):
-    """4. A pair per prompt, unless: fewer than two responses finished, the finished ones are all one
-    text or all scored the same, the judge's answer was invalid, or the margin is below min_margin (a
-    tie included). Each drop is counted by its reason."""
+    """4. A pair per prompt, unless: fewer than two responses finished, the finished ones are all
+    one text or all scored the same, the judge's answer was invalid, or the margin is below
+    min_margin (a tie included). Each drop is counted by its reason."""
     dropped = dict.fromkeys(("too_few_finished", "identical", "low_margin", "invalid_judge"), 0)
     pairs = []
     for prompt, group, pool, r in zip(prompts, samples, pools, ranked):
@@ -153,10 +157,12 @@ def train_student(student, pairs, training, lora_rank=0, margin=0.0):
 
 def train_policy(policy, pairs, training, dpo, lora_rank=0, reference=None):
     """6. DPO on the round's pairs, on the policy's own sampled token ids, against the round-start
-    policy (reference None) or the given model (--reference sft: the original). dpo: a config.DPO."""
+    policy (reference None) or the given model (--reference sft: the original). dpo: a
+    config.DPO."""
     triples = [(policy.encode(p.prompt), p.chosen_ids, p.rejected_ids) for p in pairs]
     if reference is not None:
-        reference = train_loop.reference_logprobs(reference, triples, policy.pad, average=dpo.average)
+        reference = train_loop.reference_logprobs(reference, triples, policy.pad,
+                                                  average=dpo.average)
     if lora_rank:
         model.add_lora(policy.model, lora_rank)
     metrics = train_loop.train_dpo(policy.model, triples, policy.pad, training, reference=reference,
@@ -167,55 +173,56 @@ def train_policy(policy, pairs, training, dpo, lora_rank=0, reference=None):
 
 
 def run_round(r, prompts, setup, cfg, replay):
-    """One round of TS-Align on fresh prompts (setup: run.Setup, the roles; cfg: a RoundConfig). Trains
-    the policy and the student in place; returns the samples, the Mined pairs, the training metrics
-    and the seconds spent."""
+    """One round of TS-Align on fresh prompts (setup: run.Setup, the roles; cfg: a RoundConfig).
+    Trains the policy and the student in place; returns the samples, the Mined pairs, the training
+    metrics and the seconds spent."""
     policy, student, teacher = setup.policy, setup.student, setup.teacher
     clock, block = evaluate.Clock(), cfg.sample_batch
     seeds = [seed_for(cfg.seed, r, "sample", i) for i in range(len(prompts))]
-    samples = policy.sample(prompts, seeds, cfg.k, cfg.sampling, block, f"round {r}: sample")   # 1.
+    samples = policy.sample(prompts, seeds, cfg.k, cfg.sampling, block, f"round {r}: sample")  # 1.
     pools = [candidates(g, repeats=cfg.selection == "teacher-all") for g in samples]
     clock.lap("sample")
     if cfg.selection == "teacher-all":  # the baseline: the teacher scores every candidate itself
         ranked = teacher_ranks_all(teacher, prompts, pools, cfg.length_penalty, block)
         clock.lap("teacher_score")
     else:
-        ranked = student_ranks(student, prompts, pools, cfg.student_length_penalty, block)   # 2.
+        ranked = student_ranks(student, prompts, pools, cfg.student_length_penalty, block)  # 2.
         clock.lap("student_score")
-        if cfg.selection == "ts-align":  # student-only, the other baseline, keeps the student's order
-            ranked = teacher_decides(teacher, prompts, pools, ranked, cfg.length_penalty, block)  # 3.
+        # 3. (student-only, the other baseline, keeps the student's order)
+        if cfg.selection == "ts-align":
+            ranked = teacher_decides(teacher, prompts, pools, ranked, cfg.length_penalty, block)
             clock.lap("teacher_score")
-    mined = keep_pairs(prompts, samples, pools, ranked, cfg.min_margin)                       # 4.
-    trained = {}
-    seed = seed_for(cfg.seed, r, "train")
-    if mined.pairs and cfg.selection != "student-only":  # without a teacher: nothing new to learn
+    mined = keep_pairs(prompts, samples, pools, ranked, cfg.min_margin)  # 4.
+    trained, seed = {}, seed_for(cfg.seed, r, "train")
+    # 5. (student-only: without a teacher the student has nothing new to learn)
+    if mined.pairs and cfg.selection != "student-only":
         training = replace(cfg.student_train, seed=seed, desc=f"round {r}: student")
         trained["student"] = train_student(student, replay + mined.pairs, training,
-                                           cfg.student_lora_rank, cfg.student_margin)        # 5.
+                                           cfg.student_lora_rank, cfg.student_margin)
         clock.lap("student_train")
-    if mined.pairs:
+    if mined.pairs:  # 6.
         training = replace(cfg.policy_train, seed=seed, desc=f"round {r}: policy (DPO)")
         reference = load_model(cfg.reference_dir, setup.device) if cfg.reference_dir else None
         trained["policy"] = train_policy(policy, mined.pairs, training, cfg.dpo, cfg.lora_rank,
-                                         reference)                                          # 6.
+                                         reference)
         clock.lap("policy_train")
     return samples, mined, trained, clock.seconds
 
 
 def seed_for(seed, r, purpose, i=None):
-    """Every random choice derives from --seed, the round, its purpose (and a prompt's index i, for its
-    own sampling stream), so a resumed run, or a run on any number of processes, repeats it."""
+    """Every random choice derives from --seed, the round, its purpose (and a prompt's index i, for
+    its own sampling stream), so a resumed run, or a run on any number of processes, repeats it."""
     purposes = {"prompts": 1, "sample": 2, "eval": 3, "warmup": 4, "train": 5}
     base = (seed * 1_000_003 + r * 7_919 + purposes[purpose]) % 2**62
     return base if i is None else (base * 1_000_003 + i) % 2**62
 
 
-# ---- The baselines the paper compares with, and the pairs the teacher orders outside the rounds ----
+# ---- The baselines the paper compares with; the pairs the teacher orders outside the rounds ---
 
 def teacher_ranks_all(teacher, prompts, pools, length_penalty=0.0, block=64):
-    """Teacher-all, instead of steps 2-3: the teacher scores every candidate (a reward model K calls,
-    less length_penalty per token; a judge every ordering, K(K-1) calls, each win counting), and its
-    best and worst form the pair."""
+    """Teacher-all, instead of steps 2-3: the teacher scores every candidate (a reward model K
+    calls, less length_penalty per token; a judge every ordering, K(K-1) calls, each win counting),
+    and its best and worst form the pair."""
     out = []
     for pool, s in zip(pools, teacher.scores_each(prompts, pools, block, batched=False)):
         if pool is None:
@@ -228,8 +235,8 @@ def teacher_ranks_all(teacher, prompts, pools, length_penalty=0.0, block=64):
 
 
 def teacher_orders(teacher, prompts, twos, min_margin=0.0):
-    """The teacher orders two responses of each prompt into a pair (step 3 on a given best and worst),
-    as in step 4 leaving out ties, invalid judge answers and margins below min_margin."""
+    """The teacher orders two responses of each prompt into a pair (step 3 on a given best and
+    worst), as in step 4 leaving out ties, invalid judge answers and margins below min_margin."""
     ranked = teacher_decides(teacher, prompts, twos, [Ranked(0, 1, 0.0)] * len(twos))
     pairs = keep_pairs(prompts, twos, twos, ranked, min_margin).pairs
     # these train and test the student only, which reads text
@@ -246,8 +253,8 @@ def held_out_answers(setup, cfg, r):
 def held_out_metrics(setup, cfg, answers, base, agreement):
     """The answers' win rates against the base policy's, and the student's agreement with the
     teacher's order of the agreement pairs (evaluate.held_out_metrics)."""
-    return evaluate.held_out_metrics(setup.evaluator, setup.student, setup.eval_prompts, answers, base,
-                                     agreement, oracle=setup.oracle, block=cfg.sample_batch)
+    return evaluate.held_out_metrics(setup.evaluator, setup.student, setup.eval_prompts, answers,
+                                     base, agreement, oracle=setup.oracle, block=cfg.sample_batch)
 
 
 def round_zero(setup, cfg, warmup, out):
@@ -274,7 +281,8 @@ def warm_up(setup, cfg, n):
     pool = setup.train_prompts or [setup.world.random_prompt(rng) for _ in range(4 * n)]
     prompts = rng.sample(pool, min(len(pool), 2 * n))
     seeds = [seed_for(cfg.seed, 0, "warmup", i) for i in range(len(prompts))]
-    groups = setup.policy.sample(prompts, seeds, 2, cfg.sampling, cfg.sample_batch, "warm-up samples")
+    groups = setup.policy.sample(prompts, seeds, 2, cfg.sampling, cfg.sample_batch,
+                                 "warm-up samples")
     two_each = [(p, c[:2]) for p, c in zip(prompts, map(candidates, groups)) if c][:n]
     warm = teacher_orders(setup.teacher, [p for p, _ in two_each], [c for _, c in two_each],
                           cfg.min_margin)
@@ -302,7 +310,7 @@ def main(argv=None):
             run.stopped(args and args.out, 128 + e.signum)
         except KeyboardInterrupt:
             run.stopped(args and args.out, 130)
-        except run.SaveFailed as e:  # a full disk: one line, what is saved, how to continue; status 1
+        except run.SaveFailed as e:  # a full disk: the same line, with status 1
             run.save_failed(e)
         finally:
             runlock.unlock()
@@ -311,9 +319,9 @@ def main(argv=None):
 def run_rounds(args):
     """The run of args (a config.RunConfig, its folder open): round 0, or what a resumed run holds,
     then each round in turn, evaluated and saved; then the table of all rounds."""
-    torch.manual_seed(args.seed)  # a student from a causal LM gets a fresh head: drawn from this seed
+    torch.manual_seed(args.seed)  # a student from a causal LM gets a fresh head, drawn from it
     try:
-        setup = run.setup(args, eval_seed=seed_for(args.seed, 0, "eval"))
+        setup = run.set_up(args, eval_seed=seed_for(args.seed, 0, "eval"))
     except (ValueError, FileNotFoundError) as e:
         config.fail(str(e))
     cfg = config.round_config(args, setup.base_dir)
@@ -328,34 +336,37 @@ def run_rounds(args):
     else:
         base, agreement, replay = round_zero(setup, cfg, args.student_warmup, args.out)
     for r in range(max(done, default=0) + 1, args.rounds + 1):
-        prompts = run.round_prompts(setup, args.prompts_per_round, seed_for(args.seed, r, "prompts"))
+        seed = seed_for(args.seed, r, "prompts")
+        prompts = run.round_prompts(setup, args.prompts_per_round, seed)
         samples, mined, trained, seconds = run_round(r, prompts, setup, cfg, replay)
         replay += mined.pairs
         if not mined.pairs:
-            run.say(f"round {r}: no pairs survived the filters; the policy and student are unchanged",
-                    file=sys.stderr)
+            run.say(f"round {r}: no pairs survived the filters; the policy and student are "
+                    f"unchanged", file=sys.stderr)
         clock = evaluate.Clock()
         answers = held_out_answers(setup, cfg, r)
         m = {"round": r, **evaluate.pair_metrics(prompts, samples, mined, cfg.k, cfg.selection,
                                                  setup.teacher.judge, setup.oracle),
-             "length_penalty": cfg.length_penalty, "student_length_penalty": cfg.student_length_penalty,
+             "length_penalty": cfg.length_penalty,
+             "student_length_penalty": cfg.student_length_penalty,
              **evaluate.train_metrics(trained),
              **held_out_metrics(setup, cfg, answers, base, agreement),
              "seconds": {**seconds, "eval": clock.lap("eval")}}
         run.commit_round(args.out, r, run.save_round, setup, mined.pairs, answers, base, m)
-        run.say(f"round {r}: {m['pairs']} pairs, teacher calls {m['teacher_calls']}, win rate vs base "
-                f"{m['win_rate_vs_base']:.3f} (sampled {m['win_rate_vs_base_sampled']:.3f}), "
+        run.say(f"round {r}: {m['pairs']} pairs, teacher calls {m['teacher_calls']}, "
+                f"win rate vs base {m['win_rate_vs_base']:.3f} "
+                f"(sampled {m['win_rate_vs_base_sampled']:.3f}), "
                 f"student-teacher agreement {m['student_teacher_agreement'] or 0:.3f}")
     if parallel.is_main():
         run.print_table(args.out)
         run.print_examples(args.out, base)
         print(f"\nreport: {os.path.join(args.out, 'report.html')}")
-    parallel.safe_point()  # a Ctrl-C during the last save or the table: the run still ends as stopped
+    parallel.safe_point()  # a Ctrl-C during the last save or the table: the run ends as stopped
     parallel.finish()
 
 
 if __name__ == "__main__":
-    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: a failing process reports its traceback
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:  # under torchrun: a failing process reports why
         from torch.distributed.elastic.multiprocessing.errors import record
         record(main)()
     else:
