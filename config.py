@@ -1,9 +1,8 @@
 """
-The run's config: every option of `tsalign.py` is a field of RunConfig, with its default and its
-help, and the command line is built from them (`python tsalign.py --help`). A default of None is
-filled from one of two presets, the default world's or the real checkpoints'. The resolved config is
-saved with the run as config.json (run.py), whose keys are these fields. RoundConfig is what one
-round reads of it.
+The run's config: each option of `tsalign.py` is a field of RunConfig with its default and help, and
+the command line is built from them. A default of None comes from a preset, the default world's or
+the real checkpoints'. The run saves the resolved config as config.json, whose keys are these
+fields. RoundConfig is what one round reads of it.
 """
 import argparse
 import os
@@ -127,9 +126,8 @@ def build_parser():
 
 
 def parse_args(argv):
-    """The options as a RunConfig, with the preset's defaults (world or checkpoints) filled in and
-    every value checked (fail() on the first one out of range); and the names of those given
-    explicitly."""
+    """The options as a RunConfig, the preset's defaults filled in and every value checked; and the
+    names of the options given explicitly."""
     parser = build_parser()
     args = RunConfig(**vars(parser.parse_args(argv)))
     explicit = {k for k, v in vars(args).items() if v != parser.get_default(k)}
@@ -157,7 +155,7 @@ def check(args):
     for name, low in least.items():
         if getattr(args, name) < low:
             fail(f"{dash(name)} must be at least {low}, got {getattr(args, name)}")
-    for name in ("beta", "lr", "student_lr", "temperature"):
+    for name in ("beta", "lr", "student_lr", "temperature", "max_shard_size"):
         if getattr(args, name) <= 0:
             fail(f"{dash(name)} must be positive, got {getattr(args, name)}")
     if args.fsdp and "LOCAL_RANK" not in os.environ:
@@ -167,8 +165,6 @@ def check(args):
         fail("--fsdp does not take --lora-rank, --student-lora-rank or --reference sft: adapters "
              "are added and merged every round, which a sharded model cannot take, and the sft "
              "reference would be a full copy per process")
-    if args.max_shard_size <= 0:
-        fail(f"--max-shard-size must be positive, got {args.max_shard_size}")
     if not 0 <= args.label_smoothing < 0.5 or args.min_margin < 0 or args.student_margin < 0:
         fail("need 0 <= --label-smoothing < 0.5, --min-margin >= 0 and --student-margin >= 0")
     for name in ("rdpo_alpha", "length_penalty", "student_length_penalty"):
@@ -213,19 +209,19 @@ def check(args):
 @dataclass
 class Sampling:
     max_new_tokens: int
-    temperature: float = 1.0
-    top_p: float | None = None   # nucleus sampling (None: off)
+    temperature: float
+    top_p: float | None  # nucleus sampling (None: off)
 
 
 @dataclass
 class DPO:
     """train_loop.train_dpo's options."""
-    beta: float = 0.1
-    loss_type: str = "sigmoid"    # sigmoid (Rafailov 2023) or ipo (Azar 2023)
-    label_smoothing: float = 0.0  # conservative DPO
-    sft_coef: float = 0.0         # weight of an SFT term on the chosen responses
-    average: bool = False         # average log-probs per token instead of summing
-    rdpo_alpha: float = 0.0       # R-DPO's length term
+    beta: float
+    loss_type: str          # sigmoid (Rafailov 2023) or ipo (Azar 2023)
+    label_smoothing: float  # conservative DPO
+    sft_coef: float         # weight of an SFT term on the chosen responses
+    average: bool           # average log-probs per token instead of summing
+    rdpo_alpha: float       # R-DPO's length term
 
 
 @dataclass

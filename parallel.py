@@ -1,13 +1,10 @@
 """
-What changes when torchrun starts W processes, and stopping at a safe point on Ctrl-C or SIGTERM.
-
-torchrun starts one process per device with its RANK, the WORLD_SIZE and its LOCAL_RANK (its device
-on the machine). Every process runs the whole of tsalign.py and holds all the models (under --fsdp,
-a shard of the policy and of the student). Work is split two ways: blocks of a list of work go to
-the processes in turn and every process gets every result (`spread`, which the roles in roles.py
-call); in training each process takes its share of every batch, DistributedDataParallel all-reduces
-the gradients, and every process takes the same step (train_loop.train). In one process every
-function here is a plain loop or does nothing.
+What changes when torchrun starts W processes (one per device, each with its RANK and LOCAL_RANK),
+and stopping at a safe point on Ctrl-C or SIGTERM. Every process runs all of tsalign.py and holds
+all the models (under --fsdp a shard of the policy and of the student). Blocks of a list of work go
+to the processes in turn, and every process gets every result (`spread`, called by roles.py); in
+training each takes its share of every batch and the same step (train_loop.train). In one process
+every function here is a plain loop or does nothing.
 """
 import math
 import os
@@ -39,9 +36,8 @@ def is_main():
 
 
 def init_distributed(device, always=False):
-    """Join torchrun's process group if started by torchrun with several processes (or with always,
-    even one, as FSDP2 needs), and return the device this process uses (cuda:LOCAL_RANK on GPUs).
-    Plain `python` runs return device unchanged."""
+    """Join torchrun's process group if it started several processes (with always, even one, as
+    FSDP2 needs); the device this process uses (cuda:LOCAL_RANK on GPUs)."""
     if int(os.environ.get("WORLD_SIZE", "1")) == 1 and not (always and "LOCAL_RANK" in os.environ):
         return device
     if torch.device(device).type == "cuda":
@@ -80,9 +76,8 @@ def sum_over_ranks(values, device):
 
 
 def alone(fn, *args):
-    """fn(*args) on rank 0 only, while the other processes wait (building the default world):
-    inside, rank 0 sees a single process, so the training loop and spread call no collective the
-    others would have to join. Every process gets None."""
+    """fn(*args) on rank 0 alone (building the default world) while the others wait: it sees one
+    process, so its training loop and spread call no collective the others would have to join."""
     global solo
     if is_main():
         solo = True
@@ -96,11 +91,9 @@ def alone(fn, *args):
 # ---- FSDP2: the policy and the student sharded across the processes (--fsdp) ---------------------
 
 def shard(model):
-    """--fsdp: shard the model across the processes with FSDP2 (torch.distributed.fsdp.fully_shard):
-    each decoder block, then the rest (embeddings, final norm, output layer, tied or not). Each
-    process then keeps 1/W of every weight, of its gradient and of its AdamW state; a forward
-    gathers a block's weights just before it runs, and training equals one process's, as DDP's
-    does."""
+    """--fsdp: shard the model with FSDP2 (fully_shard), each block then the rest. Each process
+    keeps 1/W of every weight, gradient and AdamW state; a forward gathers a block's weights just
+    before it runs, and training equals one process's."""
     from torch.distributed.fsdp import fully_shard
     stack = model.encoder if model.config.encoder else model.decoder  # encoder.py's too
     for block in stack.blocks:
@@ -109,9 +102,8 @@ def shard(model):
 
 
 def place(model, fsdp):
-    """A model that trains, as the run holds it: sharded across the processes under --fsdp (the
-    teacher and any judge stay whole on every process: they only score, and may do unequal work per
-    process)."""
+    """A model that trains, as the run holds it: sharded under --fsdp (the teacher and any judge
+    stay whole on every process: they only score, and may do unequal work per process)."""
     return shard(model) if fsdp else model
 
 
@@ -121,10 +113,9 @@ def sharded(model):
 
 @contextmanager
 def gathered(*models):
-    """The full weights of the sharded models on every process while the block runs, and no
-    collective in their forwards: so inference may do unequal work per process (spread's blocks),
-    and sampling gathers once, not once per token. Memory: each process holds the full weights for
-    that time. Models that are not sharded are left as they are."""
+    """The full weights of the sharded models on every process while the block runs (others are
+    left as they are): no collective in their forwards, so inference may do unequal work per
+    process, and sampling gathers once, not once per token."""
     from torch.distributed.fsdp import FSDPModule
     units = [(u, u is m) for m in models if sharded(m)
              for u in m.modules() if isinstance(u, FSDPModule)]
@@ -142,14 +133,10 @@ def gathered(*models):
 # ---- Sharing work out --------------------------------------------------------------------------
 
 def spread(fn, *columns, block=64, desc=None):
-    """fn over blocks of items, shared out among the processes: the one primitive that splits work
-    under torchrun (in one process, a plain loop over the blocks).
-
-    columns: lists of equal length n. Cut into blocks of `block` items, process r of W calls
-    fn(*columns[s:s + block]) on blocks r, r+W, ..., and fn returns one result per item. Every
-    process gets all n results, in order, each computed as one process computes it. Results travel
-    between processes as pickles (keep them small, on the CPU). desc: a progress bar over this
-    process's blocks."""
+    """fn over blocks of items, shared out among the processes (in one process, a loop). columns:
+    lists of n items, cut into blocks of `block`; process r of W calls fn(*columns[s:s + block]) on
+    blocks r, r+W, ..., fn returning one result per item, and every process gets all n results in
+    order. Results travel as pickles (keep them small, on the CPU). desc: a progress bar."""
     starts = range(0, len(columns[0]), block)
     ours = [s for j, s in enumerate(starts) if j % world_size() == rank()]
     bar = tqdm(total=len(ours), desc=desc, disable=desc is None or not is_main(), leave=False,
@@ -169,18 +156,15 @@ def spread(fn, *columns, block=64, desc=None):
 
 
 # ---- Stopping at a safe point: Ctrl-C and SIGTERM ----------------------------------------------
-# The signal handler (stop_on_signals) only records the signal in stop_signal; the run stops at the
-# next safe point: every training micro-batch and every block of spread's work. So an interrupt is
-# never lost (Python drops an exception raised inside a finalizer, a progress bar's for one), and
-# under torchrun every process stops at the same point: they agree there in one all-reduce, and none
-# is left in a collective.
+# The signal handler only records the signal; the run stops at the next safe point: every training
+# micro-batch and every block of spread's work. So an interrupt is never lost (Python drops one
+# raised inside a finalizer, a progress bar's), and every process stops at the same point.
 
 stop_signal = None  # signal.SIGINT or signal.SIGTERM, once one arrived
 
 
 class Stopped(BaseException):
-    """A Ctrl-C or SIGTERM acted on. A BaseException, as KeyboardInterrupt is: no `except Exception`
-    takes it."""
+    """A Ctrl-C or SIGTERM acted on; a BaseException, so that no `except Exception` takes it."""
 
     def __init__(self, signum):
         super().__init__(signum)
@@ -205,10 +189,9 @@ def safe_point():
 
 @contextmanager
 def stop_on_signals():
-    """While the block runs, Ctrl-C (SIGINT) and SIGTERM (what a job scheduler sends) are recorded,
-    and the run stops at its next safe point. A second one, a second or more later, raises Stopped
-    at once; sooner, it is the first delivered again (a terminal sends Ctrl-C to every process, and
-    torchrun passes it on too)."""
+    """While the block runs, Ctrl-C and SIGTERM are recorded, and the run stops at its next safe
+    point. A second one a second later raises Stopped at once; sooner, it is the first delivered
+    again (a terminal sends Ctrl-C to every process, and torchrun passes it on too)."""
     global stop_signal
     if threading.current_thread() is not threading.main_thread():  # only it may set handlers
         yield

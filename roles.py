@@ -1,13 +1,9 @@
 """
-The three roles of a round: the policy that samples, and the reward models (the student, the
-teacher) or LLM judges that score and compare its responses. Each holds its model as `.model`, with
-its tokenizer and prompt format, so that a caller gives text and gets samples or scores.
-
-Methods named `sample`, `answer` and `..._each` take a list of prompts and work in blocks of `block`
-prompts: under torchrun the blocks are shared out over the processes and every process gets every
-result (parallel.spread), with a sharded model's weights gathered once (parallel.gathered); in one
-process they are a loop over the blocks. The other methods (score, margins, compare, tournament) are
-one batch, here.
+The roles of a round: the policy that samples, and the reward models (student, teacher) or LLM
+judges that score and compare its responses. Each holds its model as `.model` with its tokenizer and
+prompt format: a caller gives text and gets samples or scores. `sample`, `answer` and `..._each`
+work in blocks of `block` prompts, shared out over torchrun's processes (parallel.py; in one process
+a loop over the blocks); score, margins, compare and tournament are one batch, here.
 """
 import math
 from dataclasses import dataclass
@@ -25,8 +21,7 @@ from train_loop import reward_scores
 
 
 def in_blocks(model, fn, *columns, block=64, desc=None):
-    """fn over blocks of `block` items of the columns (fn returns one result per item), shared out
-    over the processes, with model's full weights on every process meanwhile: where the roles meet
+    """parallel.spread with model's full weights on every process meanwhile: where the roles meet
     torchrun."""
     with gathered(model):
         return spread(fn, *columns, block=block, desc=desc)

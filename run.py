@@ -50,9 +50,8 @@ def say(*a, **kw):  # print, on rank 0 only (under torchrun every process runs t
 
 
 def start(args, explicit):
-    """Join torchrun's process group (each process its own device), then rank 0 opens (and locks)
-    the run folder, or reads the run to resume (open_run), and every process takes the options it
-    settled."""
+    """Join torchrun's process group (each process its own device); rank 0 opens the run folder
+    (open_run), and every process takes the options it settled."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = parallel.init_distributed(device, args.fsdp)
     if parallel.is_main():
@@ -86,8 +85,8 @@ class Setup:
 
 
 def set_up(args, eval_seed):
-    """Load the three models (the world's, or the checkpoints given), read and split the prompts,
-    and choose the judge of the win rate. Raises ValueError or FileNotFoundError."""
+    """The roles (the world's models, or the checkpoints given), the prompts, and the judge of the
+    win rate. Raises ValueError or FileNotFoundError."""
     for d in (args.policy, args.student, args.teacher, args.judge):  # all, before loading one
         if d:
             check_folder(d)
@@ -191,11 +190,10 @@ class SaveFailed(Exception):
 
 
 def commit_round(out, r, write, *args):
-    """Call write(folder, *args) on a temporary folder, then rename it to round_r: a crash leaves no
-    half round. Then rebuild metrics.jsonl and report.html from every finished round. Under torchrun
-    every process calls this (sharded checkpoints are gathered by all of them); rank 0 writes. An
-    OSError there: the partial folder goes, and every process raises SaveFailed with the same
-    line."""
+    """write(folder, *args) on a temporary folder, renamed to round_r: a crash leaves no half round;
+    then metrics.jsonl and report.html rebuilt. Every process calls this (all gather a sharded
+    checkpoint); rank 0 writes. An OSError: the partial folder goes, and every process raises
+    SaveFailed with the same line."""
     tmp, main, error = os.path.join(out, f".round_{r}.tmp"), parallel.is_main(), None
     try:
         if main:
@@ -312,8 +310,8 @@ def resume(setup, out, done, fsdp):
 
 
 def save_models(folder, max_shard_size, **models):
-    """save_model each into folder/name. An OSError (rank 0) comes after every model's save, as
-    under --fsdp the other processes gather the weights of each with rank 0."""
+    """save_model each into folder/name; an OSError (rank 0) after all of them, as under --fsdp
+    the others gather each model's weights with rank 0."""
     error = None
     for name, m in models.items():
         try:
@@ -325,9 +323,8 @@ def save_models(folder, max_shard_size, **models):
 
 
 def save_round(folder, setup, pairs, answers, base, metrics):
-    """round_N: the policy and student checkpoints, pairs.jsonl (the format other
-    preference-training tools read, plus our margins and the policy's token ids), a few held-out
-    answers (with the oracle's scores in the default world), the metrics."""
+    """round_N: the policy and the student, pairs.jsonl (the format preference-training tools read,
+    with our margins and token ids), a few held-out answers (with the oracle's scores), metrics."""
     save_models(folder, setup.max_shard_size, policy=setup.policy.model,
                 student=setup.student.model)
     if not parallel.is_main():
@@ -343,7 +340,7 @@ def save_round(folder, setup, pairs, answers, base, metrics):
 
 def save_round0(folder, setup, answers, agreement_pairs, warmup_pairs, warmed, metrics):
     """round_0: base_eval.json (the base policy's held-out answers, the agreement and warm-up
-    pairs), the metrics, and with warmed the student after its warm-up."""
+    pairs), the metrics, and (warmed) the student after its warm-up."""
     if warmed:
         save_models(folder, setup.max_shard_size, student=setup.student.model)
     if not parallel.is_main():
@@ -369,9 +366,9 @@ RESUME_FREE = ("rounds", "resume", "out", "rebuild_world", "device", "report", "
 
 
 def open_run(args, explicit):
-    """Set args.out to a new run folder, or to the one to resume, whose saved options then win (an
-    option given explicitly with another value is an error). The folder is locked before anything in
-    it is read or written, and a folder to resume is checked whole before anything is loaded."""
+    """Set args.out to a new run folder, or to the one to resume, whose saved options win (one given
+    explicitly with another value is an error). The folder is locked before anything in it is read
+    or written; one to resume is checked whole first."""
     if args.resume and args.out is None:
         runs = sorted(glob.glob(os.path.join("runs", "*", "config.json")))
         if not runs:
@@ -413,10 +410,9 @@ def open_run(args, explicit):
 
 
 def check_rounds(out):
-    """--resume reads back every round from round_0 to the newest and loads the newest policy and
-    student: each file must parse and each checkpoint pass check_folder, checked before anything is
-    loaded. A damaged one: fail() naming it and how to redo its round (nothing is moved or deleted
-    here)."""
+    """--resume reads every round back and loads the newest policy and student: each file must
+    parse and each checkpoint pass check_folder. A damaged one: fail() naming it and how to redo its
+    round (nothing is moved or deleted here)."""
     last = max(round_folders(out), default=-1)
     pairs = lambda p: [Pair(**x) for x in read_json(p, lines=True)]  # noqa: E731
     for r in range(last + 1):
@@ -454,8 +450,8 @@ def draw_report(folders, output):
 
 
 def stopped(out, status):
-    """One line instead of a traceback: what is saved, and the command that continues the run. Under
-    torchrun every process is stopped, and process 0 alone says so."""
+    """One line instead of a traceback: what is saved, and the command that continues the run
+    (process 0's; every process stops)."""
     for s in (signal.SIGINT, signal.SIGTERM):  # a further Ctrl-C cannot break the line
         signal.signal(s, signal.SIG_IGN)
     if parallel.is_main():

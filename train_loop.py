@@ -3,16 +3,15 @@ One plain training loop, and the three ways TS-Align uses it.
 
   train_reward  the student (or a teacher) learns to rank with the pairwise loss
   train_dpo     the policy learns from the same pairs with DPO; the reference log-probs are
-                computed once, before the first update, in a no-grad pass, so no reference model
-                stays in memory
+                computed once, before the first update, in a no-grad pass (no reference model kept)
   train_sft     a causal LM imitates responses (how the default world builds its base policy)
 
 The loop (`train`) is AdamW, linear warm-up then a cosine or constant learning rate, gradient
-clipping and accumulation, a tqdm bar, a guard that refuses a non-finite update, and a safe point
-per micro-batch where a Ctrl-C stops the run; each trainer returns the mean of its metrics over the
-final epoch. Under torchrun it is data-parallel, and W processes take the very steps that one would.
-Everything here works on token ids (data.py makes them). Shapes: B batch, T time, C model dim, V
-vocab, N response positions in a batch.
+clipping and accumulation, a tqdm bar, a guard against a non-finite update, and a safe point per
+micro-batch where a Ctrl-C stops the run; each trainer returns its mean metrics over the final
+epoch. Under torchrun it is data-parallel: W processes take the very steps that one would (the
+lines marked `# torchrun` are all it takes). Everything here works on token ids (data.py makes
+them). Shapes: B batch, T time, C model dim, V vocab, N response positions in a batch.
 """
 import math
 from dataclasses import dataclass
@@ -25,8 +24,7 @@ from tqdm.auto import tqdm
 import data
 import losses
 from model import shares_prefix
-# Under torchrun (parallel.py); in one process world_size() is 1, rank() 0, and the rest does
-# nothing.
+# torchrun (parallel.py): in one process world_size() is 1, rank() 0, and the rest does nothing
 from parallel import (gathered, is_main, rank, sharded, spread, stop_if, stop_votes, sum_over_ranks,
                       world_size)
 
@@ -69,24 +67,23 @@ def lr_factor(step, total, warmup_steps, schedule):
 
 
 def make_optimizer(params, tc):
-    """AdamW, fused: one kernel per step for all parameters, 4x faster than the default per-tensor
-    loop for 135M parameters on this CPU (and what Hugging Face's Trainer uses by default since
-    torch 2.8)."""
+    """AdamW, fused: one kernel per step for all parameters instead of a loop over the tensors (as
+    Hugging Face's Trainer does by default since torch 2.8)."""
     return torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay, fused=True)
 
 
 def train(model, n_examples, loss_fn, tc):
     """Minimise loss_fn over n_examples examples. loss_fn(net, indices) -> (mean loss over those
-    examples, dict of float metrics); net: the model, or its DistributedDataParallel wrapper under
-    torchrun. Returns the final epoch's mean metrics and loss. A non-finite loss or gradient raises
-    NonFiniteError before the optimizer touches anything, so the weights stay as they were."""
+    examples, dict of float metrics); net: the model, or its DDP wrapper under torchrun. Returns the
+    final epoch's mean metrics. A non-finite loss or gradient raises NonFiniteError before the
+    optimizer touches anything, so the weights stay as they were."""
     if n_examples == 0:
         raise ValueError(f"{tc.desc}: nothing to train on")
     params = [p for p in model.parameters() if p.requires_grad]
     device = params[0].device
-    W, R = world_size(), rank()
-    # DDP's wrapper hooks an all-reduce of the gradients into backward (our models hold no buffers,
-    # so it has none to re-broadcast). A sharded model reduce-scatters its gradients itself.
+    W, R = world_size(), rank()  # torchrun
+    # torchrun: DDP hooks an all-reduce of the gradients into backward (our models hold no buffers
+    # to re-broadcast); a sharded model reduce-scatters its gradients itself.
     net = DistributedDataParallel(model) if W > 1 and not sharded(model) else model
     opt = make_optimizer(params, tc)
     per_step = tc.batch_size * tc.grad_accum
@@ -106,21 +103,20 @@ def train(model, n_examples, loss_fn, tc):
             for g in opt.param_groups:
                 g["lr"] = tc.lr * lr_factor(step, total, warmup_steps, tc.schedule)
             for mb in range(0, len(chunk), tc.batch_size):
-                share = chunk[mb:mb + tc.batch_size][R::W]  # this rank's share of the micro-batch
-                # Every rank runs the same number of backward passes, as each ends in an all-reduce:
-                # a rank with no example in this micro-batch runs one with weight 0.
+                share = chunk[mb:mb + tc.batch_size][R::W]  # torchrun: this rank's share
+                # torchrun: every rank runs as many backward passes, as each ends in an all-reduce:
+                # one with no example in this micro-batch runs one with weight 0.
                 loss, metrics = loss_fn(net, share or chunk[mb:mb + 1])
-                # a safe point (parallel.safe_point), in the collective every micro-batch has anyway
-                bad, *votes = sum_over_ranks([float(not torch.isfinite(loss)), *stop_votes()],
-                                             device)
+                # a safe point (parallel.safe_point), in the all-reduce of the finite check
+                votes = [float(not torch.isfinite(loss)), *stop_votes()]
+                bad, *votes = sum_over_ranks(votes, device)  # torchrun
                 stop_if(votes)
                 if bad:
                     opt.zero_grad(set_to_none=True)
                     raise NonFiniteError(f"{tc.desc}: loss is not finite at step {step} (here "
                                          f"{loss.item()}); the update was not applied and the "
                                          f"weights are as they were before it")
-                # Each example weighs the same in the step; DDP averages over the W ranks, hence the
-                # * W.
+                # Each example weighs the same in the step; DDP averages over the W ranks (* W).
                 (loss * (len(share) * W / len(chunk))).backward()
                 metrics = {"loss": loss.item(), **metrics}
                 for k, v in metrics.items():
@@ -142,7 +138,7 @@ def train(model, n_examples, loss_fn, tc):
     bar.close()
     model.eval()
     keys = sorted(sums)
-    totals = sum_over_ranks([sums[k] for k in keys] + [seen], device)
+    totals = sum_over_ranks([sums[k] for k in keys] + [seen], device)  # torchrun
     return {**{k: v / totals[-1] for k, v in zip(keys, totals)}, "param_bytes": nbytes(params),
             "optimizer_bytes": nbytes(v for s in opt.state.values() for v in s.values())}
 
@@ -157,10 +153,9 @@ def nbytes(tensors):
 
 def response_logprobs(lm, batch, average=False):
     """log p(response | prompt) of each row (data.policy_batch), (R,) float32, summed over its
-    response tokens (losses.sequence_logprobs' rule) or with average=True their mean, and its number
-    of response tokens, (R,). The output layer runs only on the N positions that predict a response
-    token. lm: a CausalLM, or its DistributedDataParallel wrapper (which must be called, not
-    bypassed, to all-reduce the gradients)."""
+    response tokens (losses.sequence_logprobs' rule) or with average=True their mean, and its
+    number of response tokens, (R,). The output layer runs only on the N positions that predict a
+    response token. lm: a CausalLM, or its DDP wrapper (called, so that it all-reduces)."""
     logits = lm(batch["input_ids"], batch["attention_mask"], select=batch["predict"],
                 branch=batch.get("branch"))                                         # (N, V)
     logp = losses.token_logprobs(logits, batch["target"])                           # (N,)
@@ -176,8 +171,7 @@ def _device(model):
 
 def _pair_batch(pairs, pad_id, device, share=True):
     """Chosen rows then rejected rows of (prompt_ids, chosen_ids, rejected_ids) triples, one batch
-    of 2B rows; with share, each pair packed in one row, its prompt computed once for both
-    (data.pack)."""
+    of 2B rows; with share, a pair's prompt computed once for both (data.pack)."""
     prompts = [p for p, _, _ in pairs] * 2
     responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
     groups = list(range(len(pairs))) * 2 if share else None
@@ -197,7 +191,7 @@ def _pair_logprobs(lm, pad_id, average, pairs):
 def reference_logprobs(lm, pairs, pad_id, batch_size=16, average=False):
     """Log-probs of the chosen and rejected responses of (prompt_ids, chosen_ids, rejected_ids)
     triples under lm, each (P,) on the CPU, in a no-grad pass."""
-    with gathered(lm):
+    with gathered(lm):  # torchrun: blocks of pairs shared out
         out = spread(partial(_pair_logprobs, lm, pad_id, average), pairs, block=batch_size)
     return torch.tensor([c for c, _ in out]), torch.tensor([r for _, r in out])
 

@@ -1,28 +1,24 @@
 """
-TS-Align (Zhang et al., 2024): align a policy with a cheap student reward model and an expensive
-teacher.
+TS-Align (Zhang et al., 2024): align a policy with a small student and a large teacher reward model.
 
 Each round, on fresh prompts and with the newest policy (on-policy):
   1. the policy samples K responses per prompt;
   2. the small student scores all K, and keeps its best and worst;
   3. the large teacher scores only those two, and its verdict orders them into a preference pair
      (prompt, chosen, rejected): 2 teacher calls per prompt instead of K;
-  4. pairs that teach nothing are dropped (too few finished responses, identical texts, a tiny
-     margin);
+  4. pairs that teach nothing are dropped (too few finished, identical texts, a tiny margin);
   5. the student learns the teacher's pairs with the pairwise ranking loss, replaying earlier
-     rounds' pairs so it keeps what it knew (our reading of the paper's multi-task adapter
-     training);
+     rounds' pairs so it keeps what it knew (our reading of the paper's multi-task adapters);
   6. the policy learns the pairs with DPO, the policy at the start of the round as reference.
 Then held-out evaluation (evaluate.py), and the round is saved (run.py). The roles (roles.py) sample
-and score; under torchrun every process runs this file, the roles share each step's blocks of
-prompts out (parallel.py), and training is data-parallel (train_loop.py).
+and score, sharing each step's blocks of prompts out under torchrun (parallel.py).
 
     python tsalign.py --rounds 3          # the embedded default world (world.py), offline
     python tsalign.py --rounds 3 --policy DIR --student DIR --teacher DIR --prompts FILE \\
-        --prompt-format chatml            # real checkpoints
+        --prompt-format chatml            # real checkpoints (the options: config.py)
     torchrun --standalone --nproc_per_node 8 tsalign.py ...   # the same run, over 8 processes
 
-The options are config.py's RunConfig. Shapes: P prompts, K samples per prompt.
+Shapes: P prompts, K samples per prompt.
 """
 import math
 import os
@@ -62,8 +58,7 @@ class Ranked:
     """A prompt's candidates ranked: best and worst index its candidates."""
     best: int
     worst: int
-    margin: float             # how much the last ranker (student, then teacher) prefers best;
-                              # NaN: an invalid judge answer
+    margin: float             # how much the last ranker prefers best (NaN: no valid answer)
     calls: int = 0            # teacher calls spent on this prompt
     overturned: bool = False  # the teacher reversed the student's order
 
@@ -74,9 +69,8 @@ def best_and_worst(scores, calls=0):
 
 
 def length_penalised(scores, cands, length_penalty):
-    """A ranker's scores minus length_penalty x each response's token count (the policy's sampled
-    ids, its stop token included), as RLHFlow's len_penalty does before it picks a pair: longer must
-    also be better."""
+    """A ranker's scores minus length_penalty x each response's token count (its stop token
+    included), as RLHFlow's len_penalty does before it picks a pair: longer must also be better."""
     lengths = torch.tensor([len(c.ids) for c in cands], dtype=scores.dtype)
     return scores - length_penalty * lengths
 
