@@ -20,71 +20,85 @@ def opt(default, help, **argparse_options):
     return field(default=default, metadata=dict(help=help, **argparse_options))
 
 
+def flag(help):
+    """An option that takes no value: off unless given."""
+    return opt(False, help)
+
+
+def preset(help):
+    """An option whose default comes from the preset (WORLD or CHECKPOINTS, below)."""
+    return opt(None, help)
+
+
 SELECTIONS = ("ts-align", "teacher-all", "student-only")
 
 
 @dataclass
 class RunConfig:
     """The run's options: each field is the option --NAME (underscores as dashes)."""
+    # the rounds, and how each samples and mines pairs
     rounds: int = opt(3, "number of TS-Align rounds (a larger value with --resume extends a run)")
     k: int = opt(8, "responses sampled per prompt (at least 2)")
-    prompts_per_round: int = opt(None, "prompts per round (default: 1024 in the world, 256 "
-                                       "otherwise)")
-    max_new_tokens: int = opt(None, "longest response; longer ones are truncated and not ranked")
+    prompts_per_round: int = preset("prompts per round (default: 1024 in the world, 256 otherwise)")
+    max_new_tokens: int = preset("longest response; longer ones are truncated and not ranked")
     temperature: float = opt(1.0, "sampling temperature of the K responses")
     top_p: float = opt(None, "nucleus sampling threshold of the K responses (default: off)")
     selection: str = opt("ts-align", "how pairs are mined: ts-align, teacher-all or student-only",
                                      choices=SELECTIONS)
-    min_margin: float = opt(None, "drop pairs whose teacher margin is below this (ties included)")
-    beta: float = opt(None, "DPO beta (default: the world's own, 0.1 for real checkpoints)")
+    min_margin: float = preset("drop pairs whose teacher margin is below this (ties included)")
+    # DPO, and the length penalties
+    beta: float = preset("DPO beta (default: the world's own, 0.1 for real checkpoints)")
     loss_type: str = opt("sigmoid", "DPO loss: sigmoid (Rafailov 2023) or ipo (Azar 2023)",
                                     choices=("sigmoid", "ipo"))
     label_smoothing: float = opt(0.0, "conservative DPO label smoothing in [0, 0.5)")
-    average_logprobs: bool = opt(False, "average response log-probs per token (as IPO's authors "
-                                        "do) instead of summing")
+    average_logprobs: bool = flag("average response log-probs per token (as IPO's authors do) "
+                                  "instead of summing")
     sft_coef: float = opt(0.0, "weight of an extra SFT term on the chosen responses")
     rdpo_alpha: float = opt(0.0, "R-DPO (Park et al. 2024): alpha of the length term alpha (|y_w| "
                                  "- |y_l|) inside DPO's sigmoid (0: off)")
     length_penalty: float = opt(0.0, "subtract this x the response's token count from the "
                                      "teacher's scores before the pair is ordered (0: off)")
-    student_length_penalty: float = opt(None, "subtract this x the response's token count from the "
-                                              "student's scores before it picks best and worst "
-                                              "(default: 0.5 in the world, 0 otherwise)")
+    student_length_penalty: float = preset("subtract this x the response's token count from the "
+                                           "student's scores before it picks best and worst "
+                                           "(default: 0.5 in the world, 0 otherwise)")
+    # training the policy and the student
     reference: str = opt("round-start", "DPO reference: the round-start policy or the original SFT "
                                         "policy", choices=("round-start", "sft"))
-    lr: float = opt(None, "policy learning rate")
-    epochs: int = opt(None, "DPO epochs over each round's pairs")
-    batch_size: int = opt(None, "pairs per training batch (policy and student)")
-    student_lr: float = opt(None, "student learning rate")
-    student_epochs: int = opt(None, "student epochs over all teacher pairs so far")
+    lr: float = preset("policy learning rate")
+    epochs: int = preset("DPO epochs over each round's pairs")
+    batch_size: int = preset("pairs per training batch (policy and student)")
+    student_lr: float = preset("student learning rate")
+    student_epochs: int = preset("student epochs over all teacher pairs so far")
     student_margin: float = opt(0.0, "margin m of the student's ranking loss -log sigmoid(r_c - "
                                      "r_r - m)")
     lora_rank: int = opt(0, "LoRA rank for the policy (0 = full fine-tuning)")
     student_lora_rank: int = opt(0, "LoRA rank for the student (0 = full fine-tuning)")
     student_warmup: int = opt(0, "before round 1, the teacher labels this many base-policy pairs "
                                  "to train the student")
-    eval_count: int = opt(None, "held-out prompts to evaluate on (default: 2000 in the world, 64 "
-                                "otherwise)")
+    eval_count: int = preset("held-out prompts to evaluate on (default: 2000 in the world, 64 "
+                             "otherwise)")
+    # the run: its processes, checkpoints, seed, folder and device
     sample_batch: int = opt(64, "prompts sampled in one batch (also the unit of work split between "
                                 "torchrun processes)")
-    fsdp: bool = opt(False, "under torchrun: shard the policy and the student across the processes "
-                            "(FSDP2)")
+    fsdp: bool = flag("under torchrun: shard the policy and the student across the processes "
+                      "(FSDP2)")
     max_shard_size: float = opt(5.0, "saved checkpoints: GB per weight file before it is split "
                                      "into shards")
     seed: int = opt(0, "seed of every random choice (prompts, samples, shuffles), per round")
     out: str = opt(None, "run folder (default: a new dated folder under runs/)")
-    resume: bool = opt(False, "continue the run in --out (default: the newest under runs/) after "
-                              "its last finished round")
-    rebuild_world: bool = opt(False, "build the default world anew (into ~/.cache/tsalign/world) "
-                                     "instead of using the shipped one")
+    resume: bool = flag("continue the run in --out (default: the newest under runs/) after its "
+                        "last finished round")
+    rebuild_world: bool = flag("build the default world anew (into ~/.cache/tsalign/world) instead "
+                               "of using the shipped one")
     device: str = opt(None, "cpu or cuda (default: cuda when available)")
+    # the models and the prompts (with --policy: real checkpoints; without, the default world)
     policy: str = opt(None, "policy checkpoint folder (Hugging Face format); none: the embedded "
                             "default world")
     student: str = opt(None, "student checkpoint: a reward model, or a causal LM that gets a fresh "
                              "scalar head")
     teacher: str = opt(None, "teacher checkpoint: a reward model (or a causal LM with "
                              "--teacher-judge)")
-    teacher_judge: bool = opt(False, "use the teacher as an LLM judge that compares two responses")
+    teacher_judge: bool = flag("use the teacher as an LLM judge that compares two responses")
     judge: str = opt(None, "independent evaluator checkpoint for the win rate (reward model or LLM "
                            "judge)")
     judge_min_mass: float = opt(0.1, "an LLM judge whose two labels get less probability than this "
@@ -95,11 +109,11 @@ class RunConfig:
     prompt_format: str = opt(None, f"policy prompt format: {', '.join(data.FORMATS)}")
     student_format: str = opt(None, "student prompt format (default: --prompt-format)")
     teacher_format: str = opt(None, "teacher prompt format (default: --prompt-format)")
+    # no training: --report draws finished runs
     report: list = opt(None, "no training: draw these run folders on the same axes into --output",
                              nargs="+", metavar="RUN")
     output: str = opt("compare.html", "with --report: the page to write, or a .svg of the main "
                                       "charts", flags=("-o",))
-
 
 # The presets, what a default of None becomes: the default world's (measured on it; world.py says
 # why each) and the real checkpoints' (with --policy).

@@ -47,7 +47,7 @@ class Evaluator:
 
 
 def outcome(margin):
-    """How much ours beat the base's by: 1 win, 0 loss, 0.5 a tie (also no answer: NaN, None)."""
+    """A margin of ours over the base's as 1 win, 0 loss, 0.5 a tie (also no answer: NaN, None)."""
     if margin is None or math.isnan(margin) or margin == 0:
         return 0.5
     return 1.0 if margin > 0 else 0.0

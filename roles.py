@@ -52,12 +52,13 @@ class Policy:
         return data.encode_prompt(self.tok, self.fmt, prompt)
 
     def sample(self, prompts, seeds, k, sampling, block=64, desc=None):
-        """k responses to each prompt: a list (P) of lists (k) of Sample. seeds: one per prompt, so
-        its samples do not depend on the block or process it lands in. sampling: a
-        config.Sampling."""
-        fn = partial(self.generate, k=k, max_new_tokens=sampling.max_new_tokens,
-                     temperature=sampling.temperature, top_p=sampling.top_p)
-        return in_blocks(self.model, fn, prompts, seeds, block=block, desc=desc)
+        """k responses to each prompt (a list (P) of lists (k) of Sample), as sampling (a
+        config.Sampling) says. seeds: one per prompt, so that its samples do not depend on the block
+        or process it lands in."""
+        s = sampling
+        generate = partial(self.generate, k=k, max_new_tokens=s.max_new_tokens,
+                           temperature=s.temperature, top_p=s.top_p)
+        return in_blocks(self.model, generate, prompts, seeds, block=block, desc=desc)
 
     def answer(self, prompts, seeds, sampling, block=64, desc=None):
         """Its answers to held-out prompts: (its greedy response, 4 samples) per prompt."""
@@ -153,9 +154,8 @@ class Scorer:
 
     @torch.no_grad()
     def compare(self, prompts, first, second):
-        """LLM judge: P(first is better) from the next-token probabilities of the labels "A" and
-        "B", (N,) on the CPU, NaN where the two labels get less than min_mass (an invalid
-        answer)."""
+        """LLM judge: P(first is better) from the next-token probabilities of the labels A and B,
+        (N,) on the CPU; NaN where they get less than min_mass (an invalid answer)."""
         label_ids = [self.tok.encode(x, add_special_tokens=False).ids[0] for x in ("A", "B")]
         rows = [data.encode_prompt(self.tok, self.fmt, JUDGE_TEMPLATE.format(prompt=p, a=a, b=b))
                 for p, a, b in zip(prompts, first, second)]
@@ -192,16 +192,13 @@ class Scorer:
     def margins_each(self, prompts, firsts, seconds, block=64):
         """Per prompt, how much it prefers its first data.Sample over its second (a float; margins),
         or None where its first is None; each block's pairs in one batch."""
-        def margins(prompts, firsts, seconds):
-            return self.margins(prompts, firsts, seconds).tolist()
-        return in_blocks(self.model, partial(live_only, margins), prompts, firsts, seconds,
-                         block=block)
+        margins = partial(live_only, lambda *pairs: self.margins(*pairs).tolist())
+        return in_blocks(self.model, margins, prompts, firsts, seconds, block=block)
 
 
 def load_scorer(path, fmt, device=None, judge=False, min_mass=0.1, reward_head=False):
-    """A checkpoint with its tokenizer and prompt format as a Scorer: a reward model, or with
-    judge=True a causal LM; with reward_head=True a causal LM gets a fresh scalar head (a student to
-    train)."""
+    """A checkpoint with its tokenizer and prompt format as a Scorer: a reward model, or (judge) a
+    causal LM; with reward_head a causal LM gets a fresh scalar head (a student to train)."""
     m = load_model(path, device)
     if judge and m.config.reward:
         raise ValueError(f"{path} is a reward model; an LLM judge must be a causal LM")
@@ -221,5 +218,5 @@ def load_scorer(path, fmt, device=None, judge=False, min_mass=0.1, reward_head=F
         tok.no_padding()
         return Scorer(m, tok, "pair", None, data.pad_id(m.config), judge, min_mass)
     data.check_format(tok, fmt)
-    eos = data.end_id(tok, fmt, m.config)
-    return Scorer(m, tok, fmt, eos, data.pad_id(m.config), judge, min_mass)
+    return Scorer(m, tok, fmt, data.end_id(tok, fmt, m.config), data.pad_id(m.config), judge,
+                  min_mass)

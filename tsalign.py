@@ -228,11 +228,11 @@ def teacher_ranks_all(teacher, prompts, pools, length_penalty=0.0, block=64):
     return out
 
 
-def teacher_orders(teacher, prompts, twos, min_margin=0.0):
-    """The teacher orders two responses of each prompt into a pair (step 3 on a given best and
-    worst), as in step 4 leaving out ties, invalid judge answers and margins below min_margin."""
-    ranked = teacher_decides(teacher, prompts, twos, [Ranked(0, 1, 0.0)] * len(twos))
-    pairs = keep_pairs(prompts, twos, twos, ranked, min_margin).pairs
+def teacher_orders(teacher, prompts, responses, min_margin=0.0):
+    """The teacher orders the two responses (data.Samples) of each prompt into a pair (step 3), as
+    in step 4 leaving out ties, invalid judge answers and margins below min_margin."""
+    ranked = teacher_decides(teacher, prompts, responses, [Ranked(0, 1, 0.0)] * len(responses))
+    pairs = keep_pairs(prompts, responses, responses, ranked, min_margin).pairs
     # these train and test the student only, which reads text
     return [replace(p, chosen_ids=None, rejected_ids=None) for p in pairs]
 
