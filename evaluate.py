@@ -1,12 +1,11 @@
 """
 The evaluation of a round, on held-out prompts that never enter training:
-  win rate vs base   the greedy answer (and 4 samples) against the base policy's, judged by the
-                     default world's oracle, an independent --judge, or else the teacher; ties
-                     count half
-  agreement          how often the student orders a fixed set of held-out teacher-ordered pairs as
-                     the teacher did: the distillation the paper claims
-  oracle metrics     in the default world: the oracle's score of the answers, and how often the
-                     teacher, the student and the round's mined pairs are right by it
+  win rate vs base  the greedy answer (and 4 samples) against the base policy's, judged by the
+                    world's oracle, an independent --judge, or else the teacher; ties count half
+  agreement         how often the student orders held-out teacher-ordered pairs as the teacher
+                    did: the distillation the paper claims
+  oracle metrics    in the default world: the oracle's score of the answers, and how often the
+                    teacher, the student and the round's mined pairs are right by it
 """
 import math
 import time
@@ -18,15 +17,13 @@ from data import Sample
 
 @dataclass
 class Evaluator:
-    """Judges held-out answers against the base policy's: by the oracle (the default world), an
-    independent --judge, or the teacher (name says which)."""
+    """Judges held-out answers against the base policy's: the oracle, a --judge or the teacher."""
     name: str
     oracle: object = None
     judge: object = None  # a roles.Scorer
 
     def outcomes(self, prompts, ours, base, block=64):
-        """Per pair of data.Samples: 1 win, 0.5 tie, 0 loss (an invalid judge answer counts as a
-        tie); a judge gets `block` pairs in one batch."""
+        """Per pair of data.Samples: 1 win, 0.5 tie (an invalid judge answer too), 0 loss."""
         if self.oracle is not None:
             return [outcome(oracle_score(self.oracle, p, x) - oracle_score(self.oracle, p, y))
                     for p, x, y in zip(prompts, ours, base)]
@@ -36,8 +33,8 @@ class Evaluator:
         return [outcome(m) for m in self.judge.margins_each(prompts, asked, base, block)]
 
     def against_base(self, prompts, answers, base, block=64):
-        """Outcomes of (greedy, samples) answers against the base's, per prompt: (greedy outcome,
-        [sample outcomes]). A judge gets the pairs of `block` prompts in one batch."""
+        """Per prompt, (greedy outcome, [sample outcomes]) of (greedy, samples) answers against the
+        base's; a judge gets the pairs of `block` prompts in one batch."""
         greedy = self.outcomes(prompts, [g for g, _ in answers], [g for g, _ in base], block)
         n = len(answers[0][1]) if answers else 1
         flat = self.outcomes([p for p, (_, s) in zip(prompts, answers) for _ in s],
@@ -75,8 +72,7 @@ def mean(xs):
 # ---- A round's metrics ---------------------------------------------------------------------------
 
 def student_agrees(student, pairs):
-    """For each pair (a data.Pair, the teacher's choice first): does the student order it the same
-    way?"""
+    """Per data.Pair (the teacher's choice first): does the student order it the same way?"""
     chosen = [Sample(None, p.chosen, p.chosen_finished) for p in pairs]
     rejected = [Sample(None, p.rejected, p.rejected_finished) for p in pairs]
     margins = student.margins_each([p.prompt for p in pairs], chosen, rejected, block=64)
@@ -85,8 +81,8 @@ def student_agrees(student, pairs):
 
 def held_out_metrics(evaluator, student, prompts, answers, base, agreement_pairs, oracle=None,
                      block=64):
-    """Win rates against the base, length, student-teacher agreement and, with an oracle, its
-    metrics. answers, base: per held-out prompt, (greedy data.Sample, [data.Sample] of samples)."""
+    """Win rates against the base, length, student-teacher agreement and the oracle's metrics.
+    answers, base: per held-out prompt, (greedy data.Sample, [data.Sample] of samples)."""
     outcomes = evaluator.against_base(prompts, answers, base, block)
     greedy = [g for g, _ in answers]
     m = {"win_rate_judge": evaluator.name}

@@ -34,8 +34,8 @@ import torch
 
 import data
 import evaluate
-import report
 import parallel
+import report
 import runlock
 from checkpoint import check_folder, load_model, read_config, save_model
 from config import fail

@@ -84,10 +84,9 @@ def student_ranks(student, prompts, pools, length_penalty=0.0, block=64):
 
 
 def teacher_decides(teacher, prompts, pools, ranked, length_penalty=0.0, block=64):
-    """3. The teacher scores only the student's best and worst (2 calls), and its verdict orders
-    them: where it prefers the student's worst, the pair is reversed. The margin becomes the
-    teacher's (less length_penalty per token the best is longer than the worst,
-    --length-penalty)."""
+    """3. The teacher scores only the student's best and worst (2 calls) and orders them, reversing
+    the pair where it prefers the worst; the margin becomes the teacher's (less length_penalty per
+    token the best is longer than the worst, --length-penalty)."""
     live = [i for i, r in enumerate(ranked) if r is not None and r.best != r.worst]
     firsts, seconds = [None] * len(ranked), [None] * len(ranked)
     for i in live:
