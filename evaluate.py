@@ -103,8 +103,7 @@ def held_out_metrics(evaluator, student, prompts, answers, base, agreement_pairs
 
 
 def pair_metrics(prompts, samples, mined, k, selection, teacher_judge, oracle=None):
-    """What a round's mining did: pairs kept and dropped, teacher calls against scoring all K,
-    lengths."""
+    """What a round's mining did: pairs kept and dropped, teacher calls (against all K), lengths."""
     pairs = mined.pairs
     m = {"prompts": len(prompts), "pairs": len(pairs), "pairs_dropped": mined.dropped,
          "teacher_calls": mined.teacher_calls, "selection": selection,
@@ -136,8 +135,7 @@ def train_metrics(trained):
 
 
 class Clock:
-    """Wall-clock seconds per phase: lap(name) adds the time since the last lap to name, and
-    returns it."""
+    """Seconds per phase: lap(name) adds the time since the last lap to name; returns its sum."""
 
     def __init__(self):
         self.t, self.seconds = time.time(), {}

@@ -21,8 +21,7 @@ from train_loop import reward_scores
 
 
 def in_blocks(model, fn, *columns, block=64, desc=None):
-    """parallel.spread with model's full weights on every process meanwhile: where the roles meet
-    torchrun."""
+    """parallel.spread, model's full weights on every process: where the roles meet torchrun."""
     with gathered(model):
         return spread(fn, *columns, block=block, desc=desc)
 

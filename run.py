@@ -128,8 +128,7 @@ def set_up(args, eval_seed):
 
 
 def round_prompts(setup, n, seed):
-    """A round's prompts: a seeded draw from --prompts, or fresh ones from the world; never a
-    held-out one."""
+    """A round's prompts: drawn from --prompts, or new ones from the world; none held out."""
     rng = random.Random(seed)
     if setup.world is None:
         return rng.sample(setup.train_prompts, min(n, len(setup.train_prompts)))
@@ -185,8 +184,7 @@ def finished_rounds(out):
 
 
 class SaveFailed(Exception):
-    """A write to the run folder failed (a full disk, a quota, a lost mount): its one line, on
-    every process."""
+    """A write to the run folder failed (a full disk, a lost mount): one line, on every process."""
 
 
 def commit_round(out, r, write, *args):
@@ -216,16 +214,14 @@ def commit_round(out, r, write, *args):
 
 
 def agree(message):
-    """Rank 0's line about a failed write, on every process (a collective): each raises
-    SaveFailed with it."""
+    """Rank 0's line about a failed write, on every process (a collective): each raises it."""
     message = parallel.broadcast(message)
     if message:
         raise SaveFailed(message)
 
 
 def rebuild_summaries(out):
-    """metrics.jsonl and report.html from every finished round (rank 0); a line if they could not
-    be written."""
+    """metrics.jsonl and report.html from every finished round (rank 0); a line if not written."""
     try:
         rows = [read_json(os.path.join(out, f"round_{i}", "metrics.json"))
                 for i in finished_rounds(out)]
@@ -266,8 +262,7 @@ def resume_command(out):
 
 
 def write_config(args):
-    """config.json (rank 0); on --resume metrics.jsonl and report.html are rebuilt too. SaveFailed
-    on a failure."""
+    """config.json (rank 0); on --resume metrics.jsonl and report.html too. SaveFailed if not."""
     message, path = None, os.path.join(args.out, "config.json")
     if parallel.is_main():
         try:
@@ -283,8 +278,7 @@ def write_config(args):
 
 
 def load_base(out):
-    """What save_round0 wrote: answers [(greedy Sample, [Sample])], agreement pairs, warm-up
-    pairs."""
+    """save_round0's answers [(greedy Sample, [Sample])], agreement pairs and warm-up pairs."""
     base = read_json(os.path.join(out, "round_0", "base_eval.json"))
     answers = [(Sample(**g), [Sample(**s) for s in group])
                for g, group in zip(base["greedy"], base["sampled"])]

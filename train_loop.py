@@ -257,8 +257,7 @@ def train_reward(rm, pairs, pad_id, tc, margin=0.0):
 
 
 def train_sft(lm, examples, pad_id, tc):
-    """Supervised fine-tuning (losses.sft_loss) on the response tokens of (prompt_ids,
-    response_ids) examples."""
+    """Supervised fine-tuning (losses.sft_loss) on (prompt_ids, response_ids) examples."""
     device = _device(lm)
 
     def loss_fn(net, idx):
