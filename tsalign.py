@@ -149,9 +149,8 @@ def train_student(student, pairs, training, lora_rank=0, margin=0.0):
 
 
 def train_policy(policy, pairs, training, dpo, lora_rank=0, reference=None):
-    """6. DPO on the round's pairs, on the policy's own sampled token ids, against the round-start
-    policy (reference None) or the given model (--reference sft: the original). dpo: a
-    config.DPO."""
+    """6. DPO (dpo: a config.DPO) on the round's pairs, on the policy's own token ids, against the
+    round-start policy (reference None) or the given model (--reference sft: the original)."""
     triples = [(policy.encode(p.prompt), p.chosen_ids, p.rejected_ids) for p in pairs]
     if reference is not None:
         reference = train_loop.reference_logprobs(reference, triples, policy.pad,
