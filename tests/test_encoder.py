@@ -248,7 +248,7 @@ def test_scorer_reads_the_pair_at_the_first_token(tmp_path):
     # A response finished or not is the same pair to an encoder.
     assert torch.equal(s.score(prompts, responses, [False, True, False]), got)
     # Its prompt is cut to fit, so the context check exempts it (a decoder's 20 tokens would be too few).
-    policy = SimpleNamespace(tok=tok, fmt="plain", lm=SimpleNamespace(config=SimpleNamespace(max_positions=99)))
+    policy = SimpleNamespace(tok=tok, fmt="plain", model=SimpleNamespace(config=SimpleNamespace(max_positions=99)))
     data.check_lengths(policy, [s], prompts, 16)
 
 
