@@ -237,7 +237,7 @@ def test_resume_names_a_damaged_file_and_how_to_redo_its_round(finished, tmp_pat
     shutil.copytree(finished, out)
     damage(out / name)
     before = tree(out)
-    monkeypatch.setattr(run, "setup", lambda *a, **kw: pytest.fail("models were loaded before the folder was checked"))
+    monkeypatch.setattr(run, "set_up", lambda *a, **kw: pytest.fail("models were loaded before the folder was checked"))
     with pytest.raises(SystemExit) as e:
         tsalign.main(["--resume", "--out", str(out), "--rounds", "3"])
     assert e.value.code == 2
