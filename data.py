@@ -338,16 +338,17 @@ def split_prompts(prompts, n_eval, seed, eval_prompts=None):
 
 def check_lengths(policy, scorers, prompts, max_new_tokens):
     """A prompt that cannot fit with its response is an error now, not after an hour of work. policy
-    and scorers: objects with .tok, .fmt and a model (.lm or .m) with .config.max_positions."""
+    and scorers: objects with .tok, .fmt and a .model with .config.max_positions (roles.py)."""
     for i, p in enumerate(prompts):
         n = len(encode_prompt(policy.tok, policy.fmt, p))
-        if n + max_new_tokens > policy.lm.config.max_positions:
+        if n + max_new_tokens > policy.model.config.max_positions:
             raise ValueError(f"prompt {i} ({p[:40]!r}...) has {n} tokens: with --max-new-tokens "
                              f"{max_new_tokens} it exceeds the policy's context of "
-                             f"{policy.lm.config.max_positions}")
+                             f"{policy.model.config.max_positions}")
         for s in scorers:  # an encoder ("pair") is exempt: pair_ids cuts its prompt to fit
             if s.judge or s.fmt == "pair":
                 continue
-            if len(encode_prompt(s.tok, s.fmt, p)) + max_new_tokens + 1 > s.m.config.max_positions:
+            if (len(encode_prompt(s.tok, s.fmt, p)) + max_new_tokens + 1
+                    > s.model.config.max_positions):
                 raise ValueError(f"prompt {i} ({p[:40]!r}...) with --max-new-tokens "
-                                 f"{max_new_tokens} exceeds the context of {s.m.config.source}")
+                                 f"{max_new_tokens} exceeds the context of {s.model.config.source}")

@@ -1,20 +1,21 @@
 """
-Everything around the rounds: the options checked, the three models and the prompts set up, and the run
-folder, written so that an interrupted run loses at most the round in progress and `--resume` continues it.
+Everything around the rounds: the process group joined, the roles and the prompts set up, and the
+run folder, written so that an interrupted run loses at most the round in progress and `--resume`
+continues it.
 
-    runs/<date>-<time>/          (--out)
-      .lock                      held by the run while it runs (runlock.py), naming its process id and host
-      config.json                the resolved options (a resumed run must not change them)
-      metrics.jsonl              one JSON object per finished round, rebuilt after each one
-      round_0/                   base_eval.json: the base policy's held-out answers, the agreement pairs
-                                 and the warm-up pairs; student/ after a warm-up
-      round_N/                   policy/ and student/ (Hugging Face checkpoints), pairs.jsonl,
-                                 examples.json, metrics.json
+    runs/<date>-<time>/   (--out)
+      .lock               held by the run while it runs (runlock.py), naming its process id and host
+      config.json         the resolved options (a resumed run must not change them)
+      metrics.jsonl       one JSON object per finished round, rebuilt after each one
+      round_0/            base_eval.json: the base policy's held-out answers, the agreement pairs
+                          and the warm-up pairs; student/ after a warm-up
+      round_N/            policy/ and student/ (Hugging Face checkpoints), pairs.jsonl,
+                          examples.json, metrics.json
 
-A round folder is written under a temporary name and renamed into place when complete: round_N is always
-whole. Only rank 0 writes (under torchrun every process runs the loop). One run at a time holds the folder;
-a write that fails (a full disk) or a Ctrl-C stops every process with one line that says what is saved and
-how to continue, and --resume first checks every file it will read back.
+A round folder is written under a temporary name and renamed into place when complete: round_N is
+always whole. Only rank 0 writes (under torchrun every process runs the loop). One run at a time
+holds the folder; a write that fails (a full disk) or a Ctrl-C stops every process with one line
+that says what is saved and how to continue, and --resume first checks every file it will read back.
 """
 import glob
 import json
@@ -33,173 +34,107 @@ import torch
 
 import data
 import evaluate
+import parallel
 import report
 import runlock
-import train_loop
-from checkpoint import check_folder, is_encoder, load_model, read_config, save_model
+from checkpoint import check_folder, load_model, read_config, save_model
+from config import fail
 from data import Pair, Sample
-from evaluate import load_scorer
-from model import CausalLM
+from roles import Policy, Scorer, load_policy, load_scorer
 
-# ---- The options: ranges checked before any work -------------------------------------------------
+# ---- Starting: the process group and the run folder ---------------------------------------------
 
 def say(*a, **kw):  # print, on rank 0 only (under torchrun every process runs the loop)
-    if train_loop.is_main():
+    if parallel.is_main():
         print(*a, **kw)
 
 
-def fail(msg):  # a user's mistake: one line on stderr, exit status 2
-    print(f"tsalign: error: {msg}", file=sys.stderr)
-    sys.exit(2)
-
-
-def check(args):
-    """fail() on the first option out of range or missing; fill in the scorers' prompt formats."""
-    least = {"rounds": 1, "k": 2, **dict.fromkeys(("prompts_per_round", "max_new_tokens", "epochs", "batch_size",
-                                                   "student_epochs", "eval_count", "sample_batch"), 1)}
-    for name, low in least.items():
-        if getattr(args, name) < low:
-            fail(f"--{name.replace('_', '-')} must be at least {low}, got {getattr(args, name)}")
-    for name in ("beta", "lr", "student_lr", "temperature"):
-        if getattr(args, name) <= 0:
-            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.fsdp and "LOCAL_RANK" not in os.environ:
-        fail("--fsdp shards the models across torchrun's processes: start the run with torchrun "
-             "(torchrun --standalone --nproc_per_node N tsalign.py ... --fsdp)")
-    if args.fsdp and (args.lora_rank or args.student_lora_rank or args.reference == "sft"):
-        fail("--fsdp does not take --lora-rank, --student-lora-rank or --reference sft: adapters are added and merged "
-             "every round, which a sharded model cannot take, and the sft reference would be a full copy per process")
-    if args.max_shard_size <= 0:
-        fail(f"--max-shard-size must be positive, got {args.max_shard_size}")
-    if not 0 <= args.label_smoothing < 0.5 or args.min_margin < 0 or args.student_margin < 0:
-        fail("need 0 <= --label-smoothing < 0.5, --min-margin >= 0 and --student-margin >= 0")
-    for name in ("rdpo_alpha", "length_penalty", "student_length_penalty"):
-        if getattr(args, name) < 0:
-            fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
-    if args.rdpo_alpha > 0 and args.loss_type != "sigmoid":
-        fail("--rdpo-alpha is a term of the sigmoid DPO loss; it does not apply to --loss-type ipo")
-    if args.length_penalty > 0 and args.teacher_judge:
-        fail("--length-penalty subtracts from the teacher's scores, and an LLM judge (--teacher-judge) gives none")
-    missing = [n for n in ("student", "teacher", "prompts", "prompt_format") if getattr(args, n) is None]
-    if args.policy is not None and missing:
-        fail(f"with --policy, also give {', '.join('--' + m.replace('_', '-') for m in missing)}")
-    if args.policy is not None and args.rebuild_world:
-        fail("--rebuild-world is for the default world; with --policy there is no world to build")
-    if args.policy is None:  # the default world draws its own prompts and is judged by its oracle
-        import world
-        given = [n for n in ("prompts", "eval_prompts", "judge", "teacher_judge") if getattr(args, n)]
-        given += [n for n in ("prompt_format", "student_format", "teacher_format") if getattr(args, n) not in
-                  (None, world.FORMAT)]
-        if given:
-            fail(f"{', '.join('--' + n.replace('_', '-') for n in given)}: for real checkpoints (with --policy); "
-                 f"the default world has its own prompts, format ({world.FORMAT}) and oracle")
-        args.prompt_format = world.FORMAT
-    for name in ("prompt_format", "student_format", "teacher_format"):
-        if getattr(args, name) not in (None, *data.FORMATS):
-            fail(f"unknown prompt format {getattr(args, name)!r} for --{name.replace('_', '-')}; "
-                 f"known: {', '.join(data.FORMATS)}")
-    if args.student and is_encoder(args.student):  # it reads the bare (prompt, response) pair: data.pair_ids
-        if args.student_format:
-            fail(f"--student-format: the student {args.student} is an encoder reward model, which reads its "
-                 f"tokenizer's pair encoding of (prompt, response), not a prompt format; leave the option out")
-        args.student_format = "pair"
-    args.student_format = args.student_format or args.prompt_format
-    args.teacher_format = args.teacher_format or args.prompt_format
+def start(args, explicit):
+    """Join torchrun's process group (each process its own device); rank 0 opens the run folder
+    (open_run), and every process takes the options it settled."""
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = parallel.init_distributed(device, args.fsdp)
+    if parallel.is_main():
+        try:
+            args = open_run(args, explicit)
+        except SystemExit as e:  # refused, in one line: every process leaves with its status
+            args = e
+    args = parallel.broadcast(args)
+    if isinstance(args, SystemExit):
+        sys.exit(args.code)
+    args.device = device  # each process its own
+    return args
 
 
 # ---- Setup: the three models, the prompts, the evaluator -----------------------------------------
 
 @dataclass
-class Policy:
-    """The policy with what sampling text needs: its tokenizer, prompt format, stop ids and pad id."""
-    lm: CausalLM
-    tok: object    # its tokenizers.Tokenizer
-    fmt: str       # its prompt format (data.FORMATS)
-    stops: list    # every id that ends a response: the config's stop ids and the format's end of turn
-    pad: int
-
-    def encode(self, prompt):
-        return data.encode_prompt(self.tok, self.fmt, prompt)
-
-
-def load_policy(path, fmt, device=None):
-    """A causal LM checkpoint, its tokenizer and prompt format, as a Policy."""
-    lm = load_model(path, device)
-    if lm.config.reward:
-        raise ValueError(f"policy {path} is a reward model ({lm.config.arch}); it must be a causal LM")
-    tok = data.load_tokenizer(path)
-    data.check_format(tok, fmt)
-    end, stops = data.end_id(tok, fmt, lm.config), list(lm.config.stop_token_ids)
-    return Policy(lm, tok, fmt, stops + [end] if end not in stops else stops, data.pad_id(lm.config))
-
-
-@dataclass
 class Setup:
+    """The roles of the run, the prompts, and the judge of the win rate."""
     policy: Policy
-    student: evaluate.Scorer
-    teacher: evaluate.Scorer
+    student: Scorer
+    teacher: Scorer
     evaluator: evaluate.Evaluator
     base_dir: str               # the original policy's checkpoint
     train_prompts: list | None  # None: the world draws fresh prompts every round
     eval_prompts: list
     device: str
     world: object = None        # the world module, in the default world
-    oracle: object = None       # its oracle (plays the paper's GPT-4 judge; never a training signal)
+    oracle: object = None       # its oracle (the paper's GPT-4 judge; never a training signal)
     max_shard_size: float = 5e9  # bytes per weight file of a saved checkpoint
 
 
-def setup(args, eval_seed):
-    """Load the three models (the world's, built on first use, or the checkpoints given), read and split
-    the prompts, and choose the judge of the win rate. Raises ValueError or FileNotFoundError."""
-    for d in (args.policy, args.student, args.teacher, args.judge):  # every checkpoint's files, before loading any
+def set_up(args, eval_seed):
+    """The roles (the world's models, or the checkpoints given), the prompts, and the judge of the
+    win rate. Raises ValueError or FileNotFoundError."""
+    for d in (args.policy, args.student, args.teacher, args.judge):  # all, before loading one
         if d:
             check_folder(d)
     if args.policy is None:
         import world
         torch.set_num_threads(1)  # tiny models: two OpenMP threads would spin against each other
-        if args.rebuild_world and train_loop.is_main():  # rank 0 builds; the others wait, then read it
-            world.rebuild()
-        train_loop.barrier()
+        if args.rebuild_world:  # rank 0 builds; the others wait, then read it
+            parallel.alone(world.rebuild)
         built = world.cache_folder() if args.rebuild_world else world.SHIPPED
-        # --student, --teacher: another student or teacher in the world (a distilled student, for one)
+        # --student, --teacher: another student or teacher in the world (a distilled one)
         dirs = [os.path.join(built, "policy"), args.student or os.path.join(built, "student"),
                 args.teacher or os.path.join(built, "teacher")]
         rng, n = random.Random(eval_seed), args.eval_count
-        train, held = None, list(dict.fromkeys(world.random_prompt(rng) for _ in range(2 * n)))[:n]
+        train_prompts = None
+        held = list(dict.fromkeys(world.random_prompt(rng) for _ in range(2 * n)))[:n]
     else:
         world, dirs = None, [args.policy, args.student, args.teacher]
-        train, held = data.split_prompts(data.read_prompts(args.prompts), args.eval_count, args.seed,
-                                         data.read_prompts(args.eval_prompts) if args.eval_prompts else None)
+        given = data.read_prompts(args.eval_prompts) if args.eval_prompts else None
+        train_prompts, held = data.split_prompts(data.read_prompts(args.prompts), args.eval_count,
+                                                 args.seed, given)
     policy = load_policy(dirs[0], args.prompt_format, args.device)
     student = load_scorer(dirs[1], args.student_format, args.device, reward_head=True)
-    teacher = load_scorer(dirs[2], args.teacher_format, args.device, args.teacher_judge, args.judge_min_mass)
+    teacher = load_scorer(dirs[2], args.teacher_format, args.device, args.teacher_judge,
+                          args.judge_min_mass)
     if world is not None:
         evaluator = evaluate.Evaluator("oracle", oracle=world.oracle)
     elif args.judge:  # a reward model scores; a causal LM is asked to compare
-        evaluator = evaluate.Evaluator("judge", judge=load_scorer(args.judge, args.teacher_format, args.device,
-                                                                  not read_config(args.judge).reward, args.judge_min_mass))
+        judge = load_scorer(args.judge, args.teacher_format, args.device,
+                            not read_config(args.judge).reward, args.judge_min_mass)
+        evaluator = evaluate.Evaluator("judge", judge=judge)
     else:
         evaluator = evaluate.Evaluator("teacher", judge=teacher)
-    data.check_lengths(policy, [student, teacher], (train or []) + held, args.max_new_tokens)
-    policy.lm, student.m = place(policy.lm, args.fsdp), place(student.m, args.fsdp)
-    return Setup(policy, student, teacher, evaluator, dirs[0], train, held, args.device, world,
-                 world.oracle if world else None, args.max_shard_size * 1e9)
+    data.check_lengths(policy, [student, teacher], (train_prompts or []) + held,
+                       args.max_new_tokens)
+    policy.model = parallel.place(policy.model, args.fsdp)
+    student.model = parallel.place(student.model, args.fsdp)
+    return Setup(policy, student, teacher, evaluator, dirs[0], train_prompts, held, args.device,
+                 world, world.oracle if world else None, args.max_shard_size * 1e9)
 
 
-def place(model, fsdp):
-    """A model that trains, as the run holds it: sharded across the processes under --fsdp (the teacher and
-    any judge stay whole on every process: they only score, and may do unequal work per process)."""
-    return train_loop.shard(model) if fsdp else model
-
-
-def round_prompts(S, n, seed):
-    """A round's prompts: a seeded draw from --prompts, or fresh ones from the world; never a held-out one."""
+def round_prompts(setup, n, seed):
+    """A round's prompts: drawn from --prompts, or new ones from the world; none held out."""
     rng = random.Random(seed)
-    if S.world is None:
-        return rng.sample(S.train_prompts, min(n, len(S.train_prompts)))
-    held, out = set(S.eval_prompts), []
+    if setup.world is None:
+        return rng.sample(setup.train_prompts, min(n, len(setup.train_prompts)))
+    held, out = set(setup.eval_prompts), []
     while len(out) < n:
-        p = S.world.random_prompt(rng)
+        p = setup.world.random_prompt(rng)
         if p not in held:
             out.append(p)
     return out
@@ -208,8 +143,8 @@ def round_prompts(S, n, seed):
 # ---- Files, written atomically -------------------------------------------------------------------
 
 def write_json(path, obj, lines=False):
-    """obj as standard JSON (lines: a list, one object per line), written aside and renamed into place. A
-    value that is not a finite number (a mean over nothing, or a NaN read from an older folder) is null."""
+    """obj as standard JSON (lines: a list, one object per line), written aside and renamed into
+    place. A value that is not a finite number is null (finite)."""
     obj = finite(obj)
     with open(path + ".tmp", "w") as f:
         f.write("".join(json.dumps(x, allow_nan=False) + "\n" for x in obj) if lines
@@ -218,10 +153,16 @@ def write_json(path, obj, lines=False):
 
 
 def finite(x):
+    """x with None for each float that is not finite. Our metrics hold None for a mean over
+    nothing; a NaN comes from a round's metrics.json written before commit b81f131 (json's NaN for
+    a mean over nothing), which --resume reads back into metrics.jsonl."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
-    return {k: finite(v) for k, v in x.items()} if isinstance(x, dict) else [finite(v) for v in x] \
-        if isinstance(x, (list, tuple)) else x
+    if isinstance(x, dict):
+        return {k: finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [finite(v) for v in x]
+    return x
 
 
 def read_json(path, lines=False):
@@ -232,25 +173,26 @@ def read_json(path, lines=False):
 # ---- Rounds --------------------------------------------------------------------------------------
 
 def round_folders(out):
-    """The numbers N of the round_N folders in out (a folder renamed aside, round_3.old, is not one)."""
+    """The numbers N of the round_N folders in out (one renamed aside, round_3.old, is not one)."""
     return sorted(int(n[6:]) for n in os.listdir(out) if re.fullmatch(r"round_\d+", n))
 
 
 def finished_rounds(out):
-    """Rounds whose folder was completed (a round folder appears only once everything in it is written)."""
-    return [r for r in round_folders(out) if os.path.exists(os.path.join(out, f"round_{r}", "metrics.json"))]
+    """Rounds whose folder was completed (it appears only once everything in it is written)."""
+    return [r for r in round_folders(out)
+            if os.path.exists(os.path.join(out, f"round_{r}", "metrics.json"))]
 
 
 class SaveFailed(Exception):
-    """A write to the run folder failed (a full disk, a quota, a lost mount): its one line, on every process."""
+    """A write to the run folder failed (a full disk, a lost mount): one line, on every process."""
 
 
-def commit_round(out, r, write):
-    """Call write(folder) on a temporary folder, then rename it to round_r: a crash leaves no half round.
-    Then rebuild metrics.jsonl and report.html from every finished round. Under torchrun every process calls
-    this (sharded checkpoints are gathered by all of them); rank 0 writes. An OSError there: the partial
-    folder goes, and every process raises SaveFailed with the same line."""
-    tmp, main, error = os.path.join(out, f".round_{r}.tmp"), train_loop.is_main(), None
+def commit_round(out, r, write, *args):
+    """write(folder, *args) on a temporary folder, renamed to round_r: a crash leaves no half round;
+    then metrics.jsonl and report.html rebuilt. Every process calls this (all gather a sharded
+    checkpoint); rank 0 writes. An OSError: the partial folder goes, and every process raises
+    SaveFailed with the same line."""
+    tmp, main, error = os.path.join(out, f".round_{r}.tmp"), parallel.is_main(), None
     try:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -258,41 +200,46 @@ def commit_round(out, r, write):
     except OSError as e:
         error = e
     try:
-        write(tmp)  # even after a failed makedirs: under --fsdp the others gather each weight with rank 0
-        if main and not error:
-            os.replace(tmp, os.path.join(out, f"round_{r}"))  # round_r is absent: --resume checked the folder
+        # even after a failed makedirs: under --fsdp the others gather each weight with rank 0
+        write(tmp, *args)
+        if main and not error:  # round_r is absent: --resume checked the folder
+            os.replace(tmp, os.path.join(out, f"round_{r}"))
     except OSError as e:
         error = error or e
     if main and error:
         shutil.rmtree(tmp, ignore_errors=True)
-        agree(f"round {r} was not saved ({why(error)}); {saved(out)}; free space, then continue with: "
-              f"{resume_command(out)}")
+        agree(f"round {r} was not saved ({why(error)}); {saved(out)}; free space, then continue "
+              f"with: {resume_command(out)}")
     agree(rebuild_summaries(out) if main else None)
 
 
 def agree(message):
-    """Rank 0's line about a failed write, on every process (a collective): each raises SaveFailed with it."""
-    message = train_loop.broadcast(message)
+    """Rank 0's line about a failed write, on every process (a collective): each raises it."""
+    message = parallel.broadcast(message)
     if message:
         raise SaveFailed(message)
 
 
 def rebuild_summaries(out):
-    """metrics.jsonl and report.html from every finished round (rank 0); a line if they could not be written."""
+    """metrics.jsonl and report.html from every finished round (rank 0); a line if not written."""
     try:
-        write_json(os.path.join(out, "metrics.jsonl"),
-                   [read_json(os.path.join(out, f"round_{i}", "metrics.json")) for i in finished_rounds(out)], lines=True)
+        rows = [read_json(os.path.join(out, f"round_{i}", "metrics.json"))
+                for i in finished_rounds(out)]
+        write_json(os.path.join(out, "metrics.jsonl"), rows, lines=True)
         report.write_run_report(out)
     except OSError as e:
-        for name in ("metrics.jsonl.tmp", "report.html.tmp"):  # what was written of them; the old files stay
+        for name in ("metrics.jsonl.tmp", "report.html.tmp"):  # what was written; old files stay
             with suppress(OSError):
                 os.remove(os.path.join(out, name))
-        return (f"round {max(finished_rounds(out))} is saved in {out}, but metrics.jsonl or report.html could not be "
-                f"rewritten ({why(e)}); free space, then --resume rebuilds them: {resume_command(out)}")
+        return (f"round {max(finished_rounds(out))} is saved in {out}, but metrics.jsonl or "
+                f"report.html could not be rewritten ({why(e)}); free space, then --resume "
+                f"rebuilds them: {resume_command(out)}")
 
 
 def why(e):  # an OSError in a few words, with the file it was about
-    return f"{e.strerror or e}: {e.filename}" if getattr(e, "filename", None) else str(e.strerror or e)
+    if getattr(e, "filename", None):
+        return f"{e.strerror or e}: {e.filename}"
+    return str(e.strerror or e)
 
 
 def saved(out, size=True):
@@ -301,40 +248,64 @@ def saved(out, size=True):
     if not done:
         return f"no round is finished yet in {out}"
     last, folder = max(done), os.path.join(out, f"round_{max(done)}")
-    took = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(folder) for f in files) if size else 0
-    return (f"{f'rounds 0-{last} are' if last else 'round 0 is'} saved in {out}"
-            + (f" (round {last} took {took / 1e6:.1f} MB)" if size else ""))
+    line = f"{f'rounds 0-{last} are' if last else 'round 0 is'} saved in {out}"
+    if not size:
+        return line
+    took = sum(os.path.getsize(os.path.join(d, f))
+               for d, _, files in os.walk(folder) for f in files)
+    return line + f" (round {last} took {took / 1e6:.1f} MB)"
 
 
 def resume_command(out):
-    return f"{'torchrun ...' if 'LOCAL_RANK' in os.environ else 'python'} tsalign.py --resume --out {out}"
+    how = "torchrun ..." if "LOCAL_RANK" in os.environ else "python"
+    return f"{how} tsalign.py --resume --out {out}"
 
 
 def write_config(args):
-    """config.json (rank 0); on --resume metrics.jsonl and report.html are rebuilt too. SaveFailed on a failure."""
+    """config.json (rank 0); on --resume metrics.jsonl and report.html too. SaveFailed if not."""
     message, path = None, os.path.join(args.out, "config.json")
-    if train_loop.is_main():
+    if parallel.is_main():
         try:
             write_json(path, {k: v for k, v in vars(args).items() if k not in ("report", "output")})
         except OSError as e:
             with suppress(OSError):
                 os.remove(path + ".tmp")
-            message = f"{path} could not be written ({e.strerror or e}); free space, then run the same command again"
-        if message is None and finished_rounds(args.out):  # --resume: as they were after the last round
+            message = (f"{path} could not be written ({e.strerror or e}); free space, then run the "
+                       f"same command again")
+        if message is None and finished_rounds(args.out):  # --resume: as after the last round
             message = rebuild_summaries(args.out)
     agree(message)
 
 
 def load_base(out):
-    """What save_round0 wrote: answers [(greedy Sample, [Sample])], agreement pairs, warm-up pairs."""
+    """save_round0's answers [(greedy Sample, [Sample])], agreement pairs and warm-up pairs."""
     base = read_json(os.path.join(out, "round_0", "base_eval.json"))
-    answers = [(Sample(**g), [Sample(**s) for s in group]) for g, group in zip(base["greedy"], base["sampled"])]
-    return answers, [Pair(**p) for p in base["agreement_pairs"]], [Pair(**p) for p in base["warmup_pairs"]]
+    answers = [(Sample(**g), [Sample(**s) for s in group])
+               for g, group in zip(base["greedy"], base["sampled"])]
+    pairs = [[Pair(**p) for p in base[key]] for key in ("agreement_pairs", "warmup_pairs")]
+    return answers, *pairs
+
+
+def resume(setup, out, done, fsdp):
+    """What the loop needs of the finished rounds `done` in out: the base policy's held-out answers,
+    the agreement pairs and every teacher pair so far (the warm-up's, then each round's: the
+    student's replay). The last round's policy and the newest student saved replace setup's."""
+    last = max(done)
+    base, agreement, replay = load_base(out)
+    for r in range(1, last + 1):
+        replay += [Pair(**p) for p in read_json(os.path.join(out, f"round_{r}", "pairs.jsonl"),
+                                                lines=True)]
+    if last >= 1:
+        policy_dir = os.path.join(out, f"round_{last}", "policy")
+        setup.policy.model = parallel.place(load_model(policy_dir, setup.device), fsdp)
+    if student_dir := latest(out, last, "student"):
+        setup.student.model = parallel.place(load_model(student_dir, setup.device), fsdp)
+    return base, agreement, replay
 
 
 def save_models(folder, max_shard_size, **models):
-    """save_model each into folder/name. An OSError (rank 0) comes after every model's save, as under --fsdp
-    the other processes gather the weights of each with rank 0."""
+    """save_model each into folder/name; an OSError (rank 0) after all of them, as under --fsdp
+    the others gather each model's weights with rank 0."""
     error = None
     for name, m in models.items():
         try:
@@ -345,30 +316,33 @@ def save_models(folder, max_shard_size, **models):
         raise error
 
 
-def save_round(S, pairs, answers, base, metrics, folder):
-    """round_N: the policy and student checkpoints, pairs.jsonl (the format other preference-training tools
-    read, plus our margins and the policy's token ids), a few held-out answers (with the oracle's scores in
-    the default world), the metrics."""
-    save_models(folder, S.max_shard_size, policy=S.policy.lm, student=S.student.m)
-    if not train_loop.is_main():
+def save_round(folder, setup, pairs, answers, base, metrics):
+    """round_N: the policy and the student, pairs.jsonl (the format preference-training tools read,
+    with our margins and token ids), a few held-out answers (with the oracle's scores), metrics."""
+    save_models(folder, setup.max_shard_size, policy=setup.policy.model,
+                student=setup.student.model)
+    if not parallel.is_main():
         return
     write_json(os.path.join(folder, "pairs.jsonl"), [p.to_json() for p in pairs], lines=True)
-    score = partial(evaluate.oracle_score, S.oracle) if S.oracle else lambda p, s: None
+    oracle = setup.oracle
+    score = partial(evaluate.oracle_score, oracle) if oracle else lambda p, s: None
     write_json(os.path.join(folder, "examples.json"),
                [{"prompt": p, "response": g.text, "oracle": score(p, g), "base_oracle": score(p, b)}
-                for p, (g, _), (b, _) in zip(S.eval_prompts[:5], answers, base)])
+                for p, (g, _), (b, _) in zip(setup.eval_prompts[:5], answers, base)])
     write_json(os.path.join(folder, "metrics.json"), metrics)
 
 
-def save_round0(S, answers, agreement_pairs, warmup_pairs, warmed, metrics, folder):
-    """round_0: base_eval.json (the base policy's held-out answers, the agreement and warm-up pairs), the
-    metrics, and with warmed the student after its warm-up."""
+def save_round0(folder, setup, answers, agreement_pairs, warmup_pairs, warmed, metrics):
+    """round_0: base_eval.json (the base policy's held-out answers, the agreement and warm-up
+    pairs), the metrics, and (warmed) the student after its warm-up."""
     if warmed:
-        save_models(folder, S.max_shard_size, student=S.student.m)
-    if not train_loop.is_main():
+        save_models(folder, setup.max_shard_size, student=setup.student.model)
+    if not parallel.is_main():
         return
-    base = {"greedy": [g.__dict__ for g, _ in answers], "sampled": [[s.__dict__ for s in g] for _, g in answers],
-            "agreement_pairs": [p.to_json() for p in agreement_pairs], "warmup_pairs": [p.to_json() for p in warmup_pairs]}
+    base = {"greedy": [g.__dict__ for g, _ in answers],
+            "sampled": [[s.__dict__ for s in g] for _, g in answers],
+            "agreement_pairs": [p.to_json() for p in agreement_pairs],
+            "warmup_pairs": [p.to_json() for p in warmup_pairs]}
     write_json(os.path.join(folder, "base_eval.json"), base)
     write_json(os.path.join(folder, "metrics.json"), metrics)
 
@@ -386,9 +360,9 @@ RESUME_FREE = ("rounds", "resume", "out", "rebuild_world", "device", "report", "
 
 
 def open_run(args, explicit):
-    """Set args.out to a new run folder, or to the one to resume, whose saved options then win (an
-    option given explicitly with another value is an error). The folder is locked before anything in it
-    is read or written, and a folder to resume is checked whole before anything is loaded."""
+    """Set args.out to a new run folder, or to the one to resume, whose saved options win (one given
+    explicitly with another value is an error). The folder is locked before anything in it is read
+    or written; one to resume is checked whole first."""
     if args.resume and args.out is None:
         runs = sorted(glob.glob(os.path.join("runs", "*", "config.json")))
         if not runs:
@@ -401,7 +375,8 @@ def open_run(args, explicit):
         except runlock.Refused as e:
             fail(str(e))
         if os.path.exists(os.path.join(args.out, "config.json")):
-            fail(f"{args.out} holds another run; use --resume to continue it or choose another --out")
+            fail(f"{args.out} holds another run; use --resume to continue it or choose another "
+                 f"--out")
         return args
     cfg_path = os.path.join(args.out, "config.json")
     if not os.path.exists(cfg_path):
@@ -413,12 +388,15 @@ def open_run(args, explicit):
     try:
         saved = read_json(cfg_path)
     except ValueError as e:
-        fail(f"--resume: {cfg_path} is damaged ({e}); the run's options are in it: repair it, or start a new run")
+        fail(f"--resume: {cfg_path} is damaged ({e}); the run's options are in it: repair it, or "
+             f"start a new run")
     check_rounds(args.out)
-    diff = [k for k in saved if k not in RESUME_FREE and k in explicit and getattr(args, k) != saved[k]]
+    diff = [k for k in saved
+            if k not in RESUME_FREE and k in explicit and getattr(args, k) != saved[k]]
     if diff:
         fail("--resume: options differ from the run being resumed: "
-             + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (run has {saved[k]})" for k in diff))
+             + ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)} (run has {saved[k]})"
+                         for k in diff))
     for k, v in saved.items():
         if k not in RESUME_FREE:
             setattr(args, k, v)
@@ -426,18 +404,22 @@ def open_run(args, explicit):
 
 
 def check_rounds(out):
-    """--resume reads back every round from round_0 to the newest and loads the newest policy and student:
-    each file must parse and each checkpoint pass check_folder, checked before anything is loaded. A damaged
-    one: fail() naming it and how to redo its round (nothing is moved or deleted here)."""
+    """--resume reads every round back and loads the newest policy and student: each file must
+    parse and each checkpoint pass check_folder. A damaged one: fail() naming it and how to redo its
+    round (nothing is moved or deleted here)."""
     last = max(round_folders(out), default=-1)
     pairs = lambda p: [Pair(**x) for x in read_json(p, lines=True)]  # noqa: E731
     for r in range(last + 1):
         d = os.path.join(out, f"round_{r}")
-        reads = [("metrics.json", read_json), ("base_eval.json", lambda p: load_base(out)) if r == 0 else
-                 ("pairs.jsonl", pairs)]
+        reads = [("metrics.json", read_json)]
+        if r == 0:
+            reads.append(("base_eval.json", lambda p: load_base(out)))
+        else:
+            reads.append(("pairs.jsonl", pairs))
         if r == last:  # what the run loads, and what it prints at the end
-            reads += [("examples.json", read_json)] * (r > 0) + [(n, check_folder) for n in ("policy", "student")
-                                                                 if r > 0 or os.path.isdir(os.path.join(d, n))]
+            reads += [("examples.json", read_json)] * (r > 0)
+            reads += [(n, check_folder) for n in ("policy", "student")
+                      if r > 0 or os.path.isdir(os.path.join(d, n))]
         for name, read in reads:
             try:
                 read(os.path.join(d, name))
@@ -445,8 +427,9 @@ def check_rounds(out):
                 missing = isinstance(e, FileNotFoundError) and read is not check_folder
                 how = "is missing" if missing else f"is damaged ({e})"
                 later = f" and every later round folder (to round_{last})" if r < last else ""
-                fail(f"--resume: {os.path.join(d, name)} {how}; to redo round {r}, move round_{r}{later} out of {out}, "
-                     f"then resume: {'they are' if later else 'it is'} recomputed from "
+                fail(f"--resume: {os.path.join(d, name)} {how}; to redo round {r}, move "
+                     f"round_{r}{later} out of {out}, then resume: "
+                     f"{'they are' if later else 'it is'} recomputed from "
                      f"{f'round {r - 1}' if r else 'the start'}")
 
 
@@ -461,39 +444,43 @@ def draw_report(folders, output):
 
 
 def stopped(out, status):
-    """One line instead of a traceback: what is saved, and the command that continues the run. Under
-    torchrun every process is stopped, and process 0 alone says so."""
+    """One line instead of a traceback: what is saved, and the command that continues the run
+    (process 0's; every process stops)."""
     for s in (signal.SIGINT, signal.SIGTERM):  # a further Ctrl-C cannot break the line
         signal.signal(s, signal.SIG_IGN)
-    if train_loop.is_main():
+    if parallel.is_main():
         how = "Ctrl-C" if status == 130 else "SIGTERM"
         if out and os.path.exists(os.path.join(out, "config.json")):
-            for tmp in glob.glob(os.path.join(out, ".round_*.tmp")):  # a round cut short by a second Ctrl-C
+            # a round cut short by a second Ctrl-C
+            for tmp in glob.glob(os.path.join(out, ".round_*.tmp")):
                 shutil.rmtree(tmp, ignore_errors=True)
-            print(f"\ntsalign: stopped by {how}; {saved(out, size=False)}; continue with: {resume_command(out)}",
-                  file=sys.stderr)
+            print(f"\ntsalign: stopped by {how}; {saved(out, size=False)}; continue with: "
+                  f"{resume_command(out)}", file=sys.stderr)
         else:
-            print(f"\ntsalign: stopped by {how} before the run started; nothing is saved", file=sys.stderr)
+            print(f"\ntsalign: stopped by {how} before the run started; nothing is saved",
+                  file=sys.stderr)
     sys.exit(status)
 
 
 def save_failed(e):
     """SaveFailed's one line (process 0), exit status 1 on every process."""
-    if train_loop.is_main():
+    if parallel.is_main():
         print(f"tsalign: error: {e}", file=sys.stderr)
     sys.exit(1)
 
 
 def print_table(out):
     rows = read_json(os.path.join(out, "metrics.jsonl"), lines=True)
-    print(f"\n{'round':>5} {'pairs':>6} {'teacher':>8} {'win(greedy)':>12} {'win(sampled)':>13} {'agreement':>10} "
-          f"{'dpo loss':>9} {'policy len':>10}")
-    num = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731  (None: a round without that value)
+    print(f"\n{'round':>5} {'pairs':>6} {'teacher':>8} {'win(greedy)':>12} {'win(sampled)':>13} "
+          f"{'agreement':>10} {'dpo loss':>9} {'policy len':>10}")
+    num = lambda x, spec: "-" if x is None else format(x, spec)  # noqa: E731  (None: not measured)
     for m in rows:
-        print(f"{m['round']:>5} {m.get('pairs', 0):>6} {m.get('teacher_calls', m.get('teacher_calls_warmup', 0)):>8} "
-              f"{num(m['win_rate_vs_base'], '.3f'):>12} {num(m['win_rate_vs_base_sampled'], '.3f'):>13} "
-              f"{num(m.get('student_teacher_agreement'), '.3f'):>10} {num(m.get('dpo_loss'), '.4f'):>9} "
-              f"{num(m['policy_len'], '.2f'):>10}")
+        calls = m.get("teacher_calls", m.get("teacher_calls_warmup", 0))
+        print(f"{m['round']:>5} {m.get('pairs', 0):>6} {calls:>8} "
+              f"{num(m['win_rate_vs_base'], '.3f'):>12} "
+              f"{num(m['win_rate_vs_base_sampled'], '.3f'):>13} "
+              f"{num(m.get('student_teacher_agreement'), '.3f'):>10} "
+              f"{num(m.get('dpo_loss'), '.4f'):>9} {num(m['policy_len'], '.2f'):>10}")
     print(f"(win rates judged by: {rows[-1]['win_rate_judge']}; ties count half)")
 
 

@@ -58,25 +58,25 @@ SETTINGS = dict(
 FORMAT = "digits"
 MAX_NEW_TOKENS = 10  # the longest answer is 7 digits + EOS
 
-# The run settings this world picks for itself (tsalign.py uses them unless told otherwise), as measured on
-# this world over five rounds and three seeds (docs/results.md has the experiments):
-# - beta 4: answers are ~6 tokens, so a small beta (0.1) needs huge per-token log-ratio changes before the
-#   DPO loss saturates, and collapsed a prototype's policy. Within a round beta bounds how far DPO moves the
-#   policy from the round's start: at beta 1-2 it moved so far that the next round's samples left what the
-#   student and teacher judge well, and the win rate fell after round 2 or 3; at 4 it kept rising or held;
-#   at 8 round 1 gained little (0.65).
-# - student_length_penalty 0.5 (student score units per token): after round 1 the student scored an extra
-#   copy of the largest digit above the right answer (it learned "longer is better" from round 1's pairs, 87%
-#   of whose chosen answers were longer), so its best and worst became two wrong answers for the teacher to
-#   order; the penalty keeps its picks nearer the right length (mined pairs 0.93-0.97 right, not 0.88-0.93).
+# The run settings this world picks for itself (config.WORLD; tsalign.py uses them unless told
+# otherwise), as measured on this world over five rounds and three seeds (docs/results.md has the
+# experiments):
+# - beta 4: answers are ~6 tokens, so a small beta (0.1) needs huge per-token log-ratio changes
+#   before the DPO loss saturates, and collapsed the policy. Within a round beta bounds how far DPO
+#   moves the policy from the round's start: at beta 1-2 it moved so far that the next round's
+#   samples left what the student and teacher judge well, and the win rate fell after round 2 or 3;
+#   at 4 it kept rising or held; at 8 round 1 gained little (0.65).
+# - student_length_penalty 0.5 (student score units per token): without it, after round 1 the
+#   student scored an extra copy of the largest digit above the right answer (it learned "longer is
+#   better" from round 1's pairs, 87% of whose chosen answers were longer), so its best and worst
+#   became two wrong answers for the teacher to order; the penalty keeps its picks nearer the right
+#   length (mined pairs 0.93-0.97 right, not 0.88-0.93).
 # - lr 1e-4: at 2e-4 the win rate fell after round 3; 5e-5 gained nothing that beta 4 did not.
-# - min_margin 2.5 (in teacher score units): the teacher's margin predicts whether it is right; mined pairs
-#   with a margin below 1 were right about 60% of the time, above 2 over 90%.
-# - ~1,000 prompts per round: pairs from 256 prompts were too few for DPO to move the greedy answer, and
-#   2,048 gained nothing; K = 8 (--k): at 16 the student's extremes were worse pairs (0.83-0.87 right).
-RUN_DEFAULTS = dict(beta=4.0, prompts_per_round=1024, eval_count=2000, min_margin=2.5,
-                    max_new_tokens=MAX_NEW_TOKENS, lr=1e-4, epochs=2, batch_size=64,
-                    student_lr=5e-4, student_epochs=2, student_length_penalty=0.5)
+# - min_margin 2.5 (in teacher score units): the teacher's margin predicts whether it is right;
+#   mined pairs with a margin below 1 were right about 60% of the time, above 2 over 90%.
+# - ~1,000 prompts per round: pairs from 256 prompts were too few for DPO to move the greedy answer,
+#   and 2,048 gained nothing; K = 8 (--k): at 16 the student's extremes were worse pairs (0.83-0.87
+#   right).
 
 SPECIALS = ["<pad>", "<bos>", "<sep>", "<eos>"]
 

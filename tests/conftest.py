@@ -201,9 +201,9 @@ def pairs_of(out, r):
 def rescore(scorer_dir, pairs, fmt="chatml"):
     """(chosen scores, rejected scores), (P,) each, of pairs.jsonl records by the reward model in scorer_dir,
     loaded on its own (not the run's copy), each response scored alone."""
-    import evaluate
+    import roles
 
-    s = evaluate.load_scorer(scorer_dir, fmt, "cpu")
+    s = roles.load_scorer(scorer_dir, fmt, "cpu")
     one = lambda p, side: s.score([p["prompt"]], [p[side]], [p.get(f"{side}_finished", True)])[0].item()  # noqa: E731
     return (torch.tensor([one(p, "chosen") for p in pairs]), torch.tensor([one(p, "rejected") for p in pairs]))
 

@@ -177,11 +177,12 @@ import json, sys
 sys.path.insert(0, {root!r})
 import torch
 import model
+import parallel
 import train_loop as TL
 from checkpoint import load_model
 
 TL.make_optimizer = lambda params, tc: torch.optim.SGD(params, lr=tc.lr)  # the update is the gradient itself
-TL.init_distributed("cpu", always=True)
+parallel.init_distributed("cpu", always=True)
 pairs = [([1, 5, 6, 7], [8, 9, 2], [10, 11, 12, 2]), ([1, 6, 7], [9, 9, 4, 2], [9, 9, 3, 2]),
          ([1, 7, 7, 7, 7], [4, 2], [5, 5, 2]), ([1, 3], [13, 14, 15, 16, 2], [17, 18, 2])]
 tc = TL.TrainConfig(lr=0.1, batch_size=4, warmup=0.0, progress=False)
@@ -194,16 +195,16 @@ for share in (True, False):
     for lin in model.lora_layers(lm):
         for b in lin.lora_b:
             torch.nn.init.normal_(b, 0, 0.05)
-    TL.shard(lm), TL.shard(rm)
+    parallel.shard(lm), parallel.shard(rm)
     m = TL.train_dpo(lm, pairs, 0, tc, beta=0.5, sft_coef=0.3)
     TL.train_reward(rm, [(p + c, p + r) for p, c, r in pairs], 0, tc)
     full = lambda mod: {{k: v.full_tensor() for k, v in mod.state_dict().items()}}
     out[share] = (full(lm), full(rm), m["loss"])
 diff = max((a[k] - b[k]).abs().max().item() for a, b in zip(out[True][:2], out[False][:2]) for k in a)
 moved = max(b.abs().max().item() for k, b in out[True][0].items() if "lora_b" in k)
-if TL.is_main():
+if parallel.is_main():
     json.dump({{"diff": diff, "loss": abs(out[True][2] - out[False][2]), "moved": moved}}, open({result!r}, "w"))
-TL.finish()
+parallel.finish()
 """
 
 
@@ -218,3 +219,46 @@ def test_fsdp_training_with_shared_prompts_equals_unshared(world, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     r = json.loads(result.read_text())
     assert r["moved"] > 1e-3 and r["diff"] <= 1e-6 and r["loss"] <= 1e-6, r
+
+
+ALONE = """
+import sys
+sys.path.insert(0, {root!r})
+import torch
+import parallel
+import train_loop as TL
+
+parallel.init_distributed("cpu")
+
+
+def build():  # what --rebuild-world does on rank 0: a training loop, then work in blocks
+    lin = torch.nn.Linear(2, 1)
+    loss_fn = lambda net, idx: (net(torch.ones(len(idx), 2)).pow(2).mean(), {{}})
+    TL.train(lin, 8, loss_fn, TL.TrainConfig(batch_size=2, progress=False))
+    assert parallel.spread(lambda xs: [2 * x for x in xs], list(range(5)), block=2) == [0, 2, 4, 6, 8]
+
+
+parallel.alone(build)
+print(f"rank {{parallel.rank()}} of {{parallel.world_size()}} passed", flush=True)
+parallel.finish()
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the worker processes in /proc")
+def test_work_that_rank_0_does_alone_waits_for_no_one(tmp_path):
+    """parallel.alone (--rebuild-world under torchrun): rank 0 trains and spreads work by itself, as
+    one process does, while the other waits; then both go on together."""
+    script = tmp_path / "alone.py"
+    script.write_text(ALONE.format(root=ROOT))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        log, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        for pid in [*children(proc.pid).values(), proc.pid]:  # both workers (a hang), then torchrun
+            os.kill(pid, signal.SIGKILL)
+        proc.wait()
+        pytest.fail("rank 0 waited for the other process inside parallel.alone")
+    assert proc.returncode == 0, log[-3000:]
+    assert "rank 0 of 2 passed" in log and "rank 1 of 2 passed" in log, log[-3000:]

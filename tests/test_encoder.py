@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 
 import data
-import evaluate
+import roles
 import tsalign
 from checkpoint import check_folder, config_from_hf, hf_names, load_model, save_model
 from conftest import WORDS, argv, metrics
@@ -234,7 +234,7 @@ def test_pair_ids_and_the_truncation_rule():
 
 def test_scorer_reads_the_pair_at_the_first_token(tmp_path):
     hf = deberta_student(str(tmp_path), max_position_embeddings=20)
-    s = evaluate.load_scorer(str(tmp_path), "chatml")  # an encoder takes no format: whatever it is asked
+    s = roles.load_scorer(str(tmp_path), "chatml")  # an encoder takes no format: whatever it is asked
     assert (s.fmt, s.eos) == ("pair", None)
     prompts = ["a b c", "1 2", "j i h g f e d c b a 9 8 7 6 5 4 3 2 1 0"]
     responses = ["d e", "3 4 5 6 7 8 9", "a b c"]
@@ -248,7 +248,7 @@ def test_scorer_reads_the_pair_at_the_first_token(tmp_path):
     # A response finished or not is the same pair to an encoder.
     assert torch.equal(s.score(prompts, responses, [False, True, False]), got)
     # Its prompt is cut to fit, so the context check exempts it (a decoder's 20 tokens would be too few).
-    policy = SimpleNamespace(tok=tok, fmt="plain", lm=SimpleNamespace(config=SimpleNamespace(max_positions=99)))
+    policy = SimpleNamespace(tok=tok, fmt="plain", model=SimpleNamespace(config=SimpleNamespace(max_positions=99)))
     data.check_lengths(policy, [s], prompts, 16)
 
 
@@ -284,7 +284,7 @@ def test_encoder_tokenizer_without_pairs_is_refused(tmp_path):
     tok.post_processor = None
     tok.save(str(tmp_path / "tokenizer.json"))
     with pytest.raises(ValueError, match="no post-processor that builds pairs"):
-        evaluate.load_scorer(str(tmp_path), "chatml")
+        roles.load_scorer(str(tmp_path), "chatml")
 
 
 # ---- TS-Align with a DeBERTa student -------------------------------------------------------------

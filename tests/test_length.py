@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
+import roles
 import train_loop
 import tsalign
 from conftest import argv, metrics
@@ -78,18 +78,16 @@ def test_train_dpo_gives_rdpo_the_token_counts():
 # ---- The length penalty on the rankers ---------------------------------------------------------------
 
 
-class Ranker:
-    """A stand-in scorer: a fixed score per response text (a reward model's `score` and `margins`)."""
-    judge = False
+class Ranker(roles.Scorer):
+    """A stand-in reward model: a fixed score per response text (its `margins` and the blocks of
+    `scores_each` and `margins_each` are roles.Scorer's own)."""
 
     def __init__(self, scores):
+        super().__init__(torch.nn.Linear(1, 1), None, "chatml", None, 0)
         self.scores = scores
 
     def score(self, prompts, texts, finished):
         return torch.tensor([self.scores[t] for t in texts])
-
-    def margins(self, prompts, firsts, seconds):
-        return self.score(prompts, [a.text for a in firsts], None) - self.score(prompts, [b.text for b in seconds], None)
 
 
 def pool(*lengths):
@@ -140,7 +138,7 @@ def test_a_run_logs_both_penalties_and_its_margins_carry_the_teachers(world, tmp
     assert json.load(open(out / "config.json"))["rdpo_alpha"] == 0.1
     pairs = [json.loads(line) for line in open(out / "round_1" / "pairs.jsonl")]
     assert pairs, "no pairs mined: nothing below is tested"
-    teacher = evaluate.load_scorer(world["teacher"], "chatml")
+    teacher = roles.load_scorer(world["teacher"], "chatml")
     s = teacher.score([p["prompt"] for p in pairs] * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
                       [p["chosen_finished"] for p in pairs] + [p["rejected_finished"] for p in pairs])
     for i, p in enumerate(pairs):  # each stored margin: the teacher's, less lambda x the difference in token counts

@@ -17,6 +17,8 @@ import torch
 from safetensors import SafetensorError
 
 import checkpoint
+import config
+import parallel
 import report
 import run
 import runlock
@@ -83,7 +85,7 @@ def test_a_file_system_without_locks_is_named_and_the_run_goes_on(world, tmp_pat
     monkeypatch.setattr(runlock.fcntl, "flock", no_locks)
     out = str(tmp_path / "run")
     try:
-        args = tsalign.parse_args(argv(world, out, "--rounds", "1"))
+        args = run.start(*config.parse_args(argv(world, out, "--rounds", "1")))
     finally:
         runlock.unlock()
     assert args.out == out
@@ -235,7 +237,7 @@ def test_resume_names_a_damaged_file_and_how_to_redo_its_round(finished, tmp_pat
     shutil.copytree(finished, out)
     damage(out / name)
     before = tree(out)
-    monkeypatch.setattr(run, "setup", lambda *a, **kw: pytest.fail("models were loaded before the folder was checked"))
+    monkeypatch.setattr(run, "set_up", lambda *a, **kw: pytest.fail("models were loaded before the folder was checked"))
     with pytest.raises(SystemExit) as e:
         tsalign.main(["--resume", "--out", str(out), "--rounds", "3"])
     assert e.value.code == 2
@@ -264,21 +266,21 @@ def test_a_damaged_round_moved_aside_is_recomputed_as_it_was(finished, tmp_path)
 
 def test_a_signal_waits_for_a_safe_point_and_a_second_one_a_second_later_stops_at_once(monkeypatch):
     now = [100.0]
-    monkeypatch.setattr(train_loop.time, "monotonic", lambda: now[0])
-    with train_loop.stop_on_signals():
+    monkeypatch.setattr(parallel.time, "monotonic", lambda: now[0])
+    with parallel.stop_on_signals():
         os.kill(os.getpid(), signal.SIGINT)  # recorded; nothing is raised where it lands
-        assert train_loop.stop_signal == signal.SIGINT
+        assert parallel.stop_signal == signal.SIGINT
         now[0] += 0.5
         os.kill(os.getpid(), signal.SIGINT)  # the same Ctrl-C, delivered again (a terminal, then torchrun)
-        with pytest.raises(train_loop.Stopped) as e:
-            train_loop.safe_point()
+        with pytest.raises(parallel.Stopped) as e:
+            parallel.safe_point()
         assert e.value.signum == signal.SIGINT
         now[0] += 1
-        with pytest.raises(train_loop.Stopped) as e:
+        with pytest.raises(parallel.Stopped) as e:
             os.kill(os.getpid(), signal.SIGTERM)  # a second one, later: at once
             time.sleep(1)
         assert e.value.signum == signal.SIGTERM
-    assert train_loop.stop_signal is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert parallel.stop_signal is None and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_sampling_and_training_stop_within_one_block_or_step():
@@ -287,10 +289,10 @@ def test_sampling_and_training_stop_within_one_block_or_step():
     def block(xs):  # the signal comes while the second block runs
         calls.append(xs)
         if len(calls) == 2:
-            train_loop.stop_signal = signal.SIGTERM
+            parallel.stop_signal = signal.SIGTERM
         return xs
-    with train_loop.stop_on_signals(), pytest.raises(train_loop.Stopped) as e:
-        train_loop.spread(block, list(range(10)), block=2)
+    with parallel.stop_on_signals(), pytest.raises(parallel.Stopped) as e:
+        parallel.spread(block, list(range(10)), block=2)
     assert len(calls) == 2 and e.value.signum == signal.SIGTERM
 
     lin, steps = torch.nn.Linear(2, 1), []
@@ -298,9 +300,9 @@ def test_sampling_and_training_stop_within_one_block_or_step():
     def loss_fn(net, idx):
         steps.append(idx)
         if len(steps) == 3:
-            train_loop.stop_signal = signal.SIGINT
+            parallel.stop_signal = signal.SIGINT
         return net(torch.ones(len(idx), 2)).pow(2).mean(), {}
-    with train_loop.stop_on_signals(), pytest.raises(train_loop.Stopped):
+    with parallel.stop_on_signals(), pytest.raises(parallel.Stopped):
         train_loop.train(lin, 40, loss_fn, train_loop.TrainConfig(batch_size=2, progress=False))
     assert len(steps) == 3
 
@@ -321,13 +323,13 @@ def fork_main(args, log, pause=None):
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
-        finish = train_loop.finish  # called just after the last safe point
+        finish = parallel.finish  # called just after the last safe point
 
         def end():
             with open(f"{log}.end", "w") as f:
                 f.write(repr(time.time()))
             finish()
-        train_loop.finish = end
+        parallel.finish = end
         if pause:
             owner, name, marker, when = pause
             real = getattr(owner, name)

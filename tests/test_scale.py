@@ -13,8 +13,8 @@ from transformers import AutoModelForCausalLM
 
 import checkpoint as C
 import data
-import evaluate
 import generate as G
+import roles
 import run
 import tsalign
 from conftest import VOCAB, argv, hf_load, make_checkpoint, uncached_greedy
@@ -156,7 +156,7 @@ def test_a_broken_teacher_is_one_line_before_any_model_loads(world, tmp_path, ca
     if how != "sentencepiece only":
         data.load_tokenizer(world["teacher"]).save(os.path.join(teacher, "tokenizer.json"))
     loaded = []
-    for module in (run, evaluate):
+    for module in (run, roles):
         monkeypatch.setattr(module, "load_model", lambda *a, **k: loaded.append(a) or pytest.fail("a model loaded"))
     with pytest.raises(SystemExit) as e:
         tsalign.main(argv(world, tmp_path / "run", "--teacher", teacher))

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import data
-import evaluate
+import roles
 import run
 import tsalign
 from checkpoint import load_model, save_model
@@ -26,7 +26,7 @@ def without_seconds(rows):
 def rejudge(teacher_dir, prompts, ours, base):
     """Outcomes (1 win, 0.5 tie, 0 loss) of (text, finished) answers against the base's, by the teacher loaded
     on its own: the same answer is a tie, otherwise the higher reward wins."""
-    s = evaluate.load_scorer(teacher_dir, "chatml", "cpu")
+    s = roles.load_scorer(teacher_dir, "chatml", "cpu")
     score = lambda p, a: s.score([p], [a[0]], [a[1]])[0].item()  # noqa: E731
     out = []
     for p, a, b in zip(prompts, ours, base):
@@ -200,7 +200,7 @@ def test_one_round_variants(world, tmp_path, extra):
     ps = pairs_of(out, 1)
     if "--teacher-judge" in extra:
         if "teacher-all" not in extra:  # the judge asked in both orders (a tournament's margin is not one comparison)
-            judge = evaluate.load_scorer(world["judge"], "chatml", "cpu", judge=True, min_mass=0)
+            judge = roles.load_scorer(world["judge"], "chatml", "cpu", judge=True, min_mass=0)
             got = judge.margins([p["prompt"] for p in ps],
                                 [Sample(None, p["chosen"], p["chosen_finished"]) for p in ps],
                                 [Sample(None, p["rejected"], p["rejected_finished"]) for p in ps])
@@ -314,24 +314,24 @@ def test_scorers_compute_a_prompt_once_and_score_as_alone(world):
     from conftest import hf_load
     prompts = ["1 2 3", "a b", "1 2 3", "c d e f"]
     texts = ["4 5", "6", "a b c d", "7 8 9 0"]
-    student = evaluate.load_scorer(world["teacher"], "chatml")  # a reward model
+    student = roles.load_scorer(world["teacher"], "chatml")  # a reward model
     hf = hf_load(world["teacher"], reward=True)
     hf.config.pad_token_id = None  # one row at a time: its last token, whatever it is
     rows = []
-    student.m.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+    student.model.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
     with torch.no_grad():
         got = student.score(prompts, texts, [True, False, True, True])
         assert rows == [3]  # a batch row per prompt
         for i, (p, t, f) in enumerate(zip(prompts, texts, [True, False, True, True])):
             assert (got[i] - hf(torch.tensor([student.ids(p, t, f)])).logits[0, 0]).abs() <= 1e-4, i
-        judge = evaluate.load_scorer(world["judge"], "chatml", judge=True, min_mass=0.0)  # every answer valid
+        judge = roles.load_scorer(world["judge"], "chatml", judge=True, min_mass=0.0)  # every answer valid
         hf = hf_load(world["judge"])
         ask = (["1 2 3"] * 3 + ["a b"], ["4 5", "6 7", "4 5", "c"], ["6 7", "4 5", "8", "d e"])
         rows = []
-        judge.m.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
+        judge.model.register_forward_hook(lambda mod, args, out: rows.append(args[0].shape[0]))
         got = judge.compare(*ask)
         assert rows == [2]
-        rows = [data.encode_prompt(judge.tok, "chatml", evaluate.JUDGE_TEMPLATE.format(prompt=p, a=a, b=b)) for p, a, b in zip(*ask)]
+        rows = [data.encode_prompt(judge.tok, "chatml", roles.JUDGE_TEMPLATE.format(prompt=p, a=a, b=b)) for p, a, b in zip(*ask)]
         assert data.common_prefix(rows[:3]) > 10  # the questions about one prompt do share ids
         labels = [judge.tok.encode(x, add_special_tokens=False).ids[0] for x in ("A", "B")]
         for i, row in enumerate(rows):
