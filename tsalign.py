@@ -109,7 +109,7 @@ class Mined:
     pairs: list
     dropped: dict
     teacher_calls: int
-    overturned: int
+    overturned: int  # kept pairs whose order the teacher reversed from the student's
 
 
 def keep_pairs(prompts, samples, pools, ranked, min_margin):
@@ -117,7 +117,7 @@ def keep_pairs(prompts, samples, pools, ranked, min_margin):
     one text or all scored the same, the judge's answer was invalid, or the margin is below
     min_margin (a tie included). Each drop is counted by its reason."""
     dropped = dict.fromkeys(("too_few_finished", "identical", "low_margin", "invalid_judge"), 0)
-    pairs = []
+    pairs, overturned = [], 0
     for prompt, group, pool, r in zip(prompts, samples, pools, ranked):
         if r is None:
             dropped["too_few_finished" if sum(s.finished for s in group) < 2 else "identical"] += 1
@@ -131,8 +131,9 @@ def keep_pairs(prompts, samples, pools, ranked, min_margin):
             c, rej = pool[r.best], pool[r.worst]
             pairs.append(Pair(prompt, c.text, rej.text, c.finished, rej.finished, r.margin, c.ids,
                               rej.ids))
-    ranked = [r for r in ranked if r is not None]
-    return Mined(pairs, dropped, sum(r.calls for r in ranked), sum(r.overturned for r in ranked))
+            overturned += r.overturned
+    calls = sum(r.calls for r in ranked if r is not None)
+    return Mined(pairs, dropped, calls, overturned)
 
 
 def train_student(student, pairs, training, lora_rank=0, margin=0.0):

@@ -338,3 +338,15 @@ def test_scorers_compute_a_prompt_once_and_score_as_alone(world):
             probs = hf(torch.tensor([row])).logits[0, -1].softmax(-1)
             pa, pb = probs[labels[0]], probs[labels[1]]
             assert abs(got[i] - pa / (pa + pb)) <= 1e-5, i
+
+
+def test_overturned_counts_only_the_kept_pairs():
+    """teacher_overturn_rate is overturned / pairs: a pair the teacher reversed and then dropped for its
+    low margin must not count, or the rate passes 1 when --min-margin drops many."""
+    group = [Sample([5, 1], "a", True), Sample([6, 1], "b", True)]
+    ranked = [tsalign.Ranked(1, 0, 0.2, 2, overturned=True),   # reversed, kept
+              tsalign.Ranked(1, 0, 0.05, 2, overturned=True),  # reversed, under the margin: dropped
+              tsalign.Ranked(0, 1, 0.3, 2)]                    # kept as the student had it
+    mined = tsalign.keep_pairs(["p", "q", "r"], [group] * 3, [group] * 3, ranked, min_margin=0.1)
+    assert (len(mined.pairs), mined.overturned, mined.teacher_calls) == (2, 1, 6)
+    assert mined.dropped["low_margin"] == 1
