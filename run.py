@@ -1,7 +1,6 @@
 """
 Everything around the rounds: the process group joined, the roles and the prompts set up, and the
-run folder, written so that an interrupted run loses at most the round in progress and `--resume`
-continues it.
+run folder, written so that an interrupted run loses at most its round in progress (`--resume`).
 
     runs/<date>-<time>/   (--out)
       .lock               held by the run while it runs (runlock.py), naming its process id and host
@@ -50,8 +49,7 @@ def say(*a, **kw):  # print, on rank 0 only (under torchrun every process runs t
 
 
 def start(args, explicit):
-    """Join torchrun's process group (each process its own device); rank 0 opens the run folder
-    (open_run), and every process takes the options it settled."""
+    """Join torchrun's process group; rank 0 opens the run folder; all take the args it settled."""
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     device = parallel.init_distributed(device, args.fsdp)
     if parallel.is_main():
@@ -85,8 +83,7 @@ class Setup:
 
 
 def set_up(args, eval_seed):
-    """The roles (the world's models, or the checkpoints given), the prompts, and the judge of the
-    win rate. Raises ValueError or FileNotFoundError."""
+    """The roles, the prompts and the win rate's judge; raises ValueError or FileNotFoundError."""
     for d in (args.policy, args.student, args.teacher, args.judge):  # all, before loading one
         if d:
             check_folder(d)
@@ -143,8 +140,7 @@ def round_prompts(setup, n, seed):
 # ---- Files, written atomically -------------------------------------------------------------------
 
 def write_json(path, obj, lines=False):
-    """obj as standard JSON (lines: a list, one object per line), written aside and renamed into
-    place. A value that is not a finite number is null (finite)."""
+    """obj as JSON (lines: a list, one object per line; non-finite floats null), written aside."""
     obj = finite(obj)
     with open(path + ".tmp", "w") as f:
         f.write("".join(json.dumps(x, allow_nan=False) + "\n" for x in obj) if lines
@@ -153,9 +149,8 @@ def write_json(path, obj, lines=False):
 
 
 def finite(x):
-    """x with None for each float that is not finite. Our metrics hold None for a mean over
-    nothing; a NaN comes from a round's metrics.json written before commit b81f131 (json's NaN for
-    a mean over nothing), which --resume reads back into metrics.jsonl."""
+    """x with None for each non-finite float: a round's metrics.json written before commit b81f131
+    holds NaN for a mean over nothing (we write None), and --resume reads it back."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
@@ -188,10 +183,9 @@ class SaveFailed(Exception):
 
 
 def commit_round(out, r, write, *args):
-    """write(folder, *args) on a temporary folder, renamed to round_r: a crash leaves no half round;
-    then metrics.jsonl and report.html rebuilt. Every process calls this (all gather a sharded
-    checkpoint); rank 0 writes. An OSError: the partial folder goes, and every process raises
-    SaveFailed with the same line."""
+    """write(folder, *args) on a temporary folder renamed to round_r (no half round), then the
+    summaries rebuilt. Every process calls this (all gather a sharded checkpoint); rank 0 writes. An
+    OSError: the partial folder goes, and every process raises SaveFailed with the same line."""
     tmp, main, error = os.path.join(out, f".round_{r}.tmp"), parallel.is_main(), None
     try:
         if main:
@@ -287,9 +281,8 @@ def load_base(out):
 
 
 def resume(setup, out, done, fsdp):
-    """What the loop needs of the finished rounds `done` in out: the base policy's held-out answers,
-    the agreement pairs and every teacher pair so far (the warm-up's, then each round's: the
-    student's replay). The last round's policy and the newest student saved replace setup's."""
+    """The base answers, the agreement pairs and every teacher pair so far (the student's replay) of
+    the finished rounds `done`; the last policy and the newest student saved replace setup's."""
     last = max(done)
     base, agreement, replay = load_base(out)
     for r in range(1, last + 1):
@@ -304,8 +297,7 @@ def resume(setup, out, done, fsdp):
 
 
 def save_models(folder, max_shard_size, **models):
-    """save_model each into folder/name; an OSError (rank 0) after all of them, as under --fsdp
-    the others gather each model's weights with rank 0."""
+    """save_model each into folder/name; an OSError raised after all (under --fsdp all gather)."""
     error = None
     for name, m in models.items():
         try:
@@ -360,9 +352,8 @@ RESUME_FREE = ("rounds", "resume", "out", "rebuild_world", "device", "report", "
 
 
 def open_run(args, explicit):
-    """Set args.out to a new run folder, or to the one to resume, whose saved options win (one given
-    explicitly with another value is an error). The folder is locked before anything in it is read
-    or written; one to resume is checked whole first."""
+    """args.out: a new run folder, or the one to resume, locked first and checked whole; its saved
+    options win (one given explicitly with another value is an error)."""
     if args.resume and args.out is None:
         runs = sorted(glob.glob(os.path.join("runs", "*", "config.json")))
         if not runs:
@@ -404,9 +395,8 @@ def open_run(args, explicit):
 
 
 def check_rounds(out):
-    """--resume reads every round back and loads the newest policy and student: each file must
-    parse and each checkpoint pass check_folder. A damaged one: fail() naming it and how to redo its
-    round (nothing is moved or deleted here)."""
+    """Every file --resume reads must parse, each checkpoint it loads pass check_folder; else fail()
+    naming it and how to redo its round (nothing is moved or deleted here)."""
     last = max(round_folders(out), default=-1)
     pairs = lambda p: [Pair(**x) for x in read_json(p, lines=True)]  # noqa: E731
     for r in range(last + 1):
@@ -444,8 +434,7 @@ def draw_report(folders, output):
 
 
 def stopped(out, status):
-    """One line instead of a traceback: what is saved, and the command that continues the run
-    (process 0's; every process stops)."""
+    """One line instead of a traceback (process 0's): what is saved, and how to continue the run."""
     for s in (signal.SIGINT, signal.SIGTERM):  # a further Ctrl-C cannot break the line
         signal.signal(s, signal.SIG_IGN)
     if parallel.is_main():

@@ -41,9 +41,8 @@ from data import Pair
 # ---- One round, step by step ---------------------------------------------------------------------
 
 def candidates(group, repeats=False):
-    """The responses of one prompt that may enter a pair: the finished ones (a truncated response
-    never competes), each text once; with repeats, every finished sample (teacher-all scores them
-    all, as RLHFlow-style iterative DPO does). None when they hold fewer than two distinct texts."""
+    """A prompt's finished responses (a truncated one never competes), each text once, or with
+    repeats all of them (teacher-all, as RLHFlow's iterative DPO). None under two distinct texts."""
     done = [s for s in group if s.finished]
     first = {}
     for s in done:
@@ -84,9 +83,8 @@ def student_ranks(student, prompts, pools, length_penalty=0.0, block=64):
 
 
 def teacher_decides(teacher, prompts, pools, ranked, length_penalty=0.0, block=64):
-    """3. The teacher scores only the student's best and worst (2 calls) and orders them, reversing
-    the pair where it prefers the worst; the margin becomes the teacher's (less length_penalty per
-    token the best is longer than the worst, --length-penalty)."""
+    """3. The teacher scores only the student's best and worst (2 calls), reversing them where it
+    prefers the worst; the margin is its own, less length_penalty per token best has over worst."""
     live = [i for i, r in enumerate(ranked) if r is not None and r.best != r.worst]
     firsts, seconds = [None] * len(ranked), [None] * len(ranked)
     for i in live:
@@ -113,9 +111,8 @@ class Mined:
 
 
 def keep_pairs(prompts, samples, pools, ranked, min_margin):
-    """4. A pair per prompt, unless: fewer than two responses finished, the finished ones are all
-    one text or all scored the same, the judge's answer was invalid, or the margin is below
-    min_margin (a tie included). Each drop is counted by its reason."""
+    """4. A pair per prompt, unless under two responses finished, they are one text or one score,
+    the judge's answer was invalid, or the margin is below min_margin (or 0); counted by reason."""
     dropped = dict.fromkeys(("too_few_finished", "identical", "low_margin", "invalid_judge"), 0)
     pairs, overturned = [], 0
     for prompt, group, pool, r in zip(prompts, samples, pools, ranked):
@@ -137,8 +134,7 @@ def keep_pairs(prompts, samples, pools, ranked, min_margin):
 
 
 def train_student(student, pairs, training, lora_rank=0, margin=0.0):
-    """5. The pairwise ranking loss on the teacher's pairs, each formatted for the student's own
-    tokenizer. training: a TrainConfig."""
+    """5. The ranking loss on the teacher's pairs, in the student's own format (a TrainConfig)."""
     rows = [(student.ids(p.prompt, p.chosen, p.chosen_finished),
              student.ids(p.prompt, p.rejected, p.rejected_finished)) for p in pairs]
     if lora_rank:
@@ -166,9 +162,8 @@ def train_policy(policy, pairs, training, dpo, lora_rank=0, reference=None):
 
 
 def run_round(r, prompts, setup, cfg, replay):
-    """One round of TS-Align on fresh prompts (setup: run.Setup, the roles; cfg: a RoundConfig).
-    Trains the policy and the student in place; returns the samples, the Mined pairs, the training
-    metrics and the seconds spent."""
+    """One round of TS-Align on fresh prompts (setup: run.Setup; cfg: a RoundConfig), training the
+    policy and the student in place. -> the samples, Mined pairs, training metrics, seconds."""
     policy, student, teacher = setup.policy, setup.student, setup.teacher
     clock, block = evaluate.Clock(), cfg.sample_batch
     seeds = [seed_for(cfg.seed, r, "sample", i) for i in range(len(prompts))]
@@ -213,9 +208,8 @@ def seed_for(seed, r, purpose, i=None):
 # ---- The baselines the paper compares with; the pairs the teacher orders outside the rounds ---
 
 def teacher_ranks_all(teacher, prompts, pools, length_penalty=0.0, block=64):
-    """Teacher-all, instead of steps 2-3: the teacher scores every candidate (a reward model K
-    calls, less length_penalty per token; a judge every ordering, K(K-1) calls, each win counting),
-    and its best and worst form the pair."""
+    """Teacher-all, instead of steps 2-3: the teacher scores every candidate, its best and worst the
+    pair (a reward model: K calls, less length_penalty a token; a judge: K(K-1), share of wins)."""
     out = []
     for pool, s in zip(pools, teacher.scores_each(prompts, pools, block, batched=False)):
         if pool is None:
@@ -244,16 +238,14 @@ def held_out_answers(setup, cfg, r):
 
 
 def held_out_metrics(setup, cfg, answers, base, agreement):
-    """The answers' win rates against the base policy's, and the student's agreement with the
-    teacher's order of the agreement pairs (evaluate.held_out_metrics)."""
+    """Win rates against the base's answers and student-teacher agreement (evaluate's)."""
     return evaluate.held_out_metrics(setup.evaluator, setup.student, setup.eval_prompts, answers,
                                      base, agreement, oracle=setup.oracle, block=cfg.sample_batch)
 
 
 def round_zero(setup, cfg, warmup, out):
-    """The base policy's held-out answers, the agreement pairs (the teacher orders two distinct base
-    samples of each held-out prompt), and with warmup = N > 0, N teacher-ordered pairs the student
-    learns first; saved as round_0."""
+    """Round 0, saved: the base policy's held-out answers, the agreement pairs (the teacher orders
+    two base samples of each), and with warmup N > 0 the student trained on N teacher pairs."""
     clock = evaluate.Clock()
     answers = held_out_answers(setup, cfg, 0)
     two_each = [candidates(samples) for _, samples in answers]
