@@ -6,12 +6,11 @@ One plain training loop, and the three ways TS-Align uses it.
                 computed once, before the first update, in a no-grad pass (no reference model kept)
   train_sft     a causal LM imitates responses (how the default world builds its base policy)
 
-The loop (`train`) is AdamW, linear warm-up then a cosine or constant learning rate, gradient
+The loop (`train`): AdamW, linear warm-up then a cosine or constant learning rate, gradient
 clipping and accumulation, a tqdm bar, a guard against a non-finite update, and a safe point per
-micro-batch where a Ctrl-C stops the run; each trainer returns its mean metrics over the final
-epoch. Under torchrun it is data-parallel: W processes take the very steps that one would (the
-lines marked `# torchrun` are all it takes). Everything here works on token ids (data.py makes
-them). Shapes: B batch, T time, C model dim, V vocab, N response positions in a batch.
+micro-batch where a Ctrl-C stops the run; it returns the final epoch's mean metrics. Under torchrun
+it is data-parallel: W processes take the very steps one would (the lines marked `# torchrun`).
+All on token ids (data.py). Shapes: B batch, T time, C model dim, V vocab, N response positions.
 """
 import math
 from dataclasses import dataclass
@@ -73,10 +72,9 @@ def make_optimizer(params, tc):
 
 
 def train(model, n_examples, loss_fn, tc):
-    """Minimise loss_fn over n_examples examples. loss_fn(net, indices) -> (mean loss over those
-    examples, dict of float metrics); net: the model, or its DDP wrapper under torchrun. Returns the
-    final epoch's mean metrics. A non-finite loss or gradient raises NonFiniteError before the
-    optimizer touches anything, so the weights stay as they were."""
+    """Minimise loss_fn(net, indices) -> (mean loss over those examples, dict of float metrics);
+    net: the model, or its DDP wrapper under torchrun. -> the final epoch's mean metrics. A
+    non-finite loss or gradient raises NonFiniteError before any update: the weights stay."""
     if n_examples == 0:
         raise ValueError(f"{tc.desc}: nothing to train on")
     params = [p for p in model.parameters() if p.requires_grad]
@@ -152,10 +150,9 @@ def nbytes(tensors):
 # ---- Log-probs of responses, with the output layer only where it is needed -----------------------
 
 def response_logprobs(lm, batch, average=False):
-    """log p(response | prompt) of each row (data.policy_batch), (R,) float32, summed over its
-    response tokens (losses.sequence_logprobs' rule) or with average=True their mean, and its
-    number of response tokens, (R,). The output layer runs only on the N positions that predict a
-    response token. lm: a CausalLM, or its DDP wrapper (called, so that it all-reduces)."""
+    """log p(response | prompt) of each row of data.policy_batch, (R,) float32, summed (average: the
+    mean) over its response tokens, and their number (R,). The output layer runs only at the N
+    positions predicting one. lm: a CausalLM or its DDP wrapper (called, so that it all-reduces)."""
     logits = lm(batch["input_ids"], batch["attention_mask"], select=batch["predict"],
                 branch=batch.get("branch"))                                         # (N, V)
     logp = losses.token_logprobs(logits, batch["target"])                           # (N,)
@@ -170,8 +167,7 @@ def _device(model):
 
 
 def _pair_batch(pairs, pad_id, device, share=True):
-    """Chosen rows then rejected rows of (prompt_ids, chosen_ids, rejected_ids) triples, one batch
-    of 2B rows; with share, a pair's prompt computed once for both (data.pack)."""
+    """Id triples as one batch: chosen rows, then rejected (2B); share: a pair's prompt once."""
     prompts = [p for p, _, _ in pairs] * 2
     responses = [c for _, c, _ in pairs] + [r for _, _, r in pairs]
     groups = list(range(len(pairs))) * 2 if share else None
@@ -200,11 +196,10 @@ def reference_logprobs(lm, pairs, pad_id, batch_size=16, average=False):
 
 def train_dpo(lm, pairs, pad_id, tc, beta=0.1, loss_type="sigmoid", label_smoothing=0.0,
               sft_coef=0.0, average=False, reference=None, rdpo_alpha=0.0):
-    """DPO (Rafailov et al. 2023, eq. 7) on (prompt_ids, chosen_ids, rejected_ids) triples of the
-    policy's own token ids; log-probs summed over the response tokens, or averaged (average=True,
-    IPO's form). reference: precomputed (ref_chosen, ref_rejected) log-probs, or None for lm as it
-    is now (the round-start policy). With sft_coef > 0, adds that times losses.sft_loss of the
-    chosen responses; rdpo_alpha > 0 is R-DPO's length term, on the responses' token counts."""
+    """DPO (Rafailov et al. 2023, eq. 7) on (prompt, chosen, rejected) triples of the policy's own
+    ids; log-probs summed over the response tokens, or averaged (IPO's form). reference: precomputed
+    (ref_chosen, ref_rejected) log-probs, or None for lm as it is now (the round-start policy).
+    sft_coef > 0 adds losses.sft_loss of the chosen; rdpo_alpha > 0 is R-DPO's length term."""
     own_reference = reference is None
     share = shares_prefix(lm)
     if own_reference:
@@ -241,9 +236,8 @@ def train_dpo(lm, pairs, pad_id, tc, beta=0.1, loss_type="sigmoid", label_smooth
 
 
 def train_reward(rm, pairs, pad_id, tc, margin=0.0):
-    """The pairwise ranking loss (losses.ranking_loss) on pairs of (chosen_ids, rejected_ids), each
-    already formatted and tokenised for this reward model (data.reward_ids); the two rows of a pair
-    packed together, so their prompt is computed once (data.pack)."""
+    """The ranking loss (losses.ranking_loss) on (chosen_ids, rejected_ids) pairs already formatted
+    for this reward model (data.reward_ids); a pair's rows packed, its prompt computed once."""
     device, share = _device(rm), shares_prefix(rm)
 
     def loss_fn(net, idx):
@@ -271,10 +265,9 @@ def train_sft(lm, examples, pad_id, tc):
 
 @torch.no_grad()
 def reward_scores(rm, rows, pad_id, batch_size=64, groups=None):
-    """Scores of many tokenised sequences, (N,) on the CPU, in batches of about batch_size rows,
-    taken by length so that padding stays small. groups: a key per row (e.g. its prompt); rows with
-    equal keys are packed to compute their common prefix once (data.pack), unless rm reads whole
-    rows (an encoder)."""
+    """Scores of many tokenised rows, (N,) on the CPU, in batches of about batch_size rows taken by
+    length (little padding). groups: a key per row (e.g. its prompt); rows with equal keys share
+    their common prefix (data.pack), unless rm reads whole rows (an encoder)."""
     rm.eval()
     share = shares_prefix(rm)
     members = {}
