@@ -8,10 +8,9 @@ Five families share one code path, told apart by a few switches in `ModelConfig`
   GPT-2:         LayerNorm, learned positions, GELU MLP (its fused q/k/v is split on load)
 A causal LM (`CausalLM`) ends in the output layer, a reward model (`RewardModel`) in a scalar head
 read at the last real token. A batch row may hold a prompt shared by G continuations ("branches",
-see `visible`), computed once and read by all; positions count the real tokens on a token's path,
-so a padded or shared row gives exactly what the sequence gives alone, and the projections and MLP
-see real tokens only. The KV cache serves generate.py; checkpoint.py loads and saves; LoRA is at
-the end.
+see `visible`), computed once; positions count the real tokens on a token's path, so a padded or
+shared row gives exactly what the sequence gives alone, and the projections and MLP see real tokens
+only. The KV cache serves generate.py; checkpoint.py loads and saves; LoRA is at the end.
 
 Shapes: B batch, T time (new tokens this call), S cache slots (keys), H query heads, Hkv key/value
 heads, D head dim, C model dim, V vocab, K samples per prompt, M real tokens of a batch, G branches
@@ -61,10 +60,9 @@ class ModelConfig:
 # ---- Building blocks -----------------------------------------------------------------------------
 
 class Linear(nn.Linear):
-    """nn.Linear that may fuse several projections (`parts`: their output sizes; q, k and v in one
-    matrix is one matrix product instead of three), with optional low-rank adapters (LoRA, Hu et
-    al. 2021), one per part as PEFT has one per projection:
-    y = x W^T + b + s cat_j(x A_j^T B_j^T)."""
+    """nn.Linear that may fuse projections (`parts`: their output sizes; q, k, v as one matmul, not
+    three), with optional LoRA adapters (Hu et al. 2021), one per part as PEFT has one per
+    projection: y = x W^T + b + s cat_j(x A_j^T B_j^T)."""
 
     def __init__(self, in_features, out_features, bias=True, parts=None):
         super().__init__(in_features, out_features, bias=bias)
@@ -120,9 +118,8 @@ def rope_inv_freq(cfg, device):
 
 
 def rope_cos_sin(cfg, pos, dtype):
-    """cos and signed sin for integer positions pos (B, T) -> each (B, T, 1, D). Hugging Face's
-    half-split layout (pairs are (i, i + D/2), not interleaved); the sin's first half carries the
-    rotation's minus sign."""
+    """cos and signed sin (its first half carries the minus) for positions pos (B, T) -> each
+    (B, T, 1, D), in Hugging Face's half-split layout (pairs (i, i + D/2), not interleaved)."""
     freqs = pos[..., None].float() * rope_inv_freq(cfg, pos.device)  # (B, T, D/2)
     cos, sin = freqs.cos(), freqs.sin()
     return (torch.cat([cos, cos], -1)[:, :, None].to(dtype),
@@ -130,9 +127,8 @@ def rope_cos_sin(cfg, pos, dtype):
 
 
 def apply_rope(x, cos, sin):
-    """Rotate x (B, T, H, D): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin). A roll by D/2 swaps
-    the halves and the signed sin gives the minus: bit for bit x * cos + cat(-x2, x1) * sin, in
-    three ops, not six."""
+    """Rotate x (B, T, H, D): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin); a roll by D/2 and the
+    signed sin give bit for bit x * cos + cat(-x2, x1) * sin, in three ops, not six."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
@@ -148,9 +144,8 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(D, cfg.norm_eps)
 
     def forward(self, x, rope, mask, grid, cache=None, layer=0):
-        """x (M, C): the real tokens of a (B, T) grid, flattened; grid (B, T, where) puts them back
-        in place for attention (where: their flat indices, None when every slot is real). The
-        projections see real tokens only."""
+        """x (M, C): the real tokens of a (B, T) grid, flattened (the projections see only them);
+        grid (B, T, where) places them for attention (where: flat indices; None: all are real)."""
         cfg = self.cfg
         B, T, where = grid
         H, Hkv = cfg.n_head, cfg.n_kv_head
@@ -214,16 +209,14 @@ class Block(nn.Module):
 
 # ---- Which keys a token sees: a prompt shared by G branches ------------------------------------
 # A batch row holds one sequence, or a prompt and G continuations of it (the K samples of a prompt
-# while they are decoded, the K responses the student scores, a DPO pair): the prompt is branch 0,
-# continuation g is branch g, and each token sees the real tokens before it on its own path, the
-# prompt and its own branch. The prompt is then computed once and read by all G, and every
-# continuation gets exactly what it gets alone. G = 1 is a plain sequence. Every forward (prefill,
-# decoding, scoring, training) goes this way.
+# being decoded, the K responses the student scores, a DPO pair): the prompt is branch 0,
+# continuation g branch g, and each token sees the real tokens before it on its own path (the
+# prompt and its branch). The prompt is computed once, and each continuation gets exactly what it
+# gets alone. Every forward (prefill, decoding, scoring, training) goes this way.
 
 def visible(valid, branch, q_branch, T):
-    """Which of S key slots each of the last T query slots sees, (B, T, S) bool: real keys at or
-    before its own slot, in the shared prefix (branch 0) or in its own branch. valid, branch (B, S);
-    q_branch (B, T)."""
+    """(B, T, S) bool: the real keys each of the last T query slots sees: at or before its slot, in
+    the prefix (branch 0) or its own branch. valid, branch (B, S); q_branch (B, T)."""
     S = valid.shape[1]
     q_slot = torch.arange(S - T, S, device=valid.device)[:, None]  # (T, 1)
     k_slot = torch.arange(S, device=valid.device)[None, :]         # (1, S)
@@ -238,11 +231,10 @@ def shares_prefix(model):
 
 
 def sdpa_mask(see, dtype, pos=None, key_pos=None, window=None):
-    """SDPA's additive mask (B, 1, T, S) from `visible`: 0 where a query sees a key, -inf elsewhere;
-    with a window, no key `window` or more positions back (sliding-window attention, as Mistral and
-    Qwen2 define it). A query always sees its own slot, so a padding query gets a harmless row
-    instead of NaN. Built once per forward for all layers (SDPA would turn a bool mask into this in
-    every layer)."""
+    """SDPA's additive mask (B, 1, T, S) from `visible`: 0 where a query sees a key, else -inf; with
+    a window, no key `window` or more positions back (Mistral's and Qwen2's sliding window). A query
+    always sees its own slot (a padding query gets a harmless row, not NaN). Built once per forward,
+    not in every layer as SDPA would from a bool mask."""
     B, T, S = see.shape
     if window is not None:
         see = see & ((pos[:, :, None] - key_pos[:, None, :]) < window)
@@ -253,11 +245,10 @@ def sdpa_mask(see, dtype, pos=None, key_pos=None, window=None):
 
 
 class KVCache:
-    """Preallocated keys and values for every layer, (B, Hkv, S, D) each: a forward of T tokens
-    writes the next T slots of every row. Each slot also records whether it holds a real token, its
-    branch and its position, so a row may hold a prompt (branch 0) and the samples that continue it,
-    a block of one slot per sample each step (see `visible`). `keep` drops finished rows and
-    branches: stopped samples cost nothing."""
+    """Preallocated keys and values per layer, (B, Hkv, S, D) each: a forward of T tokens writes the
+    next T slots of every row. Each slot records whether it is real, its branch and position, so a
+    row holds a prompt (branch 0) and its samples, a slot per sample each step (see `visible`).
+    `keep` drops finished rows and branches: stopped samples cost nothing."""
 
     def __init__(self, cfg, B, S, device, dtype):
         self.k = [torch.zeros(B, cfg.n_kv_head, S, cfg.head_dim, device=device, dtype=dtype)
@@ -277,10 +268,9 @@ class KVCache:
                 self.v[layer].narrow(2, 0, self.filled + T))
 
     def keep(self, rows, branches, room):
-        """Keep only rows (B',) and, in each, the branches still decoding: branches (B', n) maps
-        each old branch to its new number (branch 0, the prompt, to 0), or to -1 to drop its slots.
-        The kept slots are copied together, in order, with `room` free slots after them: a copy of
-        what is live, so the caller does it now and then, not at every stop."""
+        """Keep rows (B',) and in each the branches still decoding: branches (B', n) maps each old
+        branch to its new number (the prompt's 0 to 0; -1: drop its slots). The kept slots are
+        copied together, in order, with `room` free slots after: a copy, so done now and then."""
         f = self.filled
         new_branch = branches.gather(1, self.branch[rows, :f])  # (B', f)
         keep = self.valid[rows, :f] & (new_branch >= 0)  # (B', f)
@@ -317,8 +307,7 @@ class Decoder(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, cache=None, branch=None):
         """attention_mask (B, T): 1 on real tokens (left or right padding); branch (B, T): each
-        token's branch (see `visible`; None: a plain sequence per row); cache: a KVCache to
-        extend."""
+        token's (see `visible`; None: a plain sequence per row); cache: a KVCache to extend."""
         B, T = input_ids.shape
         real = (torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None
                 else attention_mask.bool())
@@ -385,11 +374,10 @@ class CausalLM(nn.Module):
         return self.lm_head(hidden)  # (..., C) -> (..., V)
 
     def forward(self, input_ids, attention_mask=None, select=None, cache=None, branch=None):
-        """Logits (B, T, V); with select, only at the selected positions, (N, V): a (B, T) bool
-        mask, or (N,) flat indices into B*T (one position may be selected twice). The output layer
-        is the largest matmul of a small model, and training needs it only at response tokens;
-        select="last": the last position's, (B, V), what sampling needs. cache: a KVCache to
-        extend; branch: see `visible`."""
+        """Logits (B, T, V); with select, only at those positions, (N, V): a (B, T) bool mask or
+        (N,) flat indices into B*T (a position may repeat). Training needs the output layer, the
+        largest matmul of a small model, only at response tokens; "last": (B, V), for sampling.
+        cache: a KVCache to extend; branch: see `visible`."""
         h = self.decoder(input_ids, attention_mask, cache, branch)  # (B, T, C)
         if select is None:
             return self.logits(h)
@@ -399,8 +387,7 @@ class CausalLM(nn.Module):
 
 
 class RewardModel(nn.Module):
-    """A decoder with a scalar head: rm(ids, mask) -> rewards (B,), read at each row's last real
-    token."""
+    """A decoder with a scalar head: rm(ids, mask) -> rewards (B,) at each row's last real token."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -451,9 +438,8 @@ def lora_layers(model):
 
 
 def add_lora(model, rank, alpha=None):
-    """Freeze the model and add trainable adapters: W x + (alpha / rank) B A x, with B = 0 at the
-    start, so the adapted model equals the base model exactly until the first update. A reward
-    model's scalar head stays trainable (a fresh head must learn)."""
+    """Freeze the model and add trainable adapters: W x + (alpha / rank) B A x, B = 0 at first (the
+    base model exactly until the first update). A reward model's fresh head stays trainable."""
     if rank < 1:
         raise ValueError(f"LoRA rank must be >= 1, got {rank}")
     alpha = float(alpha if alpha is not None else 2 * rank)
