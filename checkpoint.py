@@ -122,10 +122,9 @@ def _activation(name):
 # ---- The name table: our module names -> Hugging Face's, one literal dict per layout -------------
 
 # {i} is the layer index; a module's .weight and .bias map to the Hugging Face module's. A plain
-# name is copied; ("T", name) is GPT-2's Conv1D, which stores its weight transposed, (in, out);
-# ("cat", names...) is a fused projection of ours: their tensors stacked along the output dim on
-# load, split by the module's `parts` on save. Modules a config lacks (biases, Qwen3's q/k norms)
-# are not in our model.
+# name is copied; ("T", name) is GPT-2's Conv1D, whose weight is stored transposed, (in, out);
+# ("cat", names...) is our fused projection: stacked along the output dim on load, split by the
+# module's `parts` on save. Modules a config lacks (biases, Qwen3's q/k norms) are not in our model.
 LLAMA_NAMES = {  # Llama, Mistral, Qwen2, Qwen3
     "decoder.tok_emb": "model.embed_tokens",
     "decoder.blocks.{i}.attn_norm": "model.layers.{i}.input_layernorm",
@@ -178,8 +177,7 @@ DEBERTA_NAMES = {  # DebertaV2ForSequenceClassification
     "score": "classifier",
 }
 
-# Saved by some transformers versions but not weights: GPT-2's mask buffers, RoPE tables, DeBERTa's
-# position ids.
+# Not weights, but saved by some transformers versions: GPT-2's masks, RoPE tables, position ids.
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq",
                     "embeddings.position_ids")
 
@@ -223,10 +221,9 @@ def _read_json(path, what):
 
 
 def _weight_files(path, arch=None):
-    """Hugging Face name -> the safetensors file holding it (one file, or shards listed by an
-    index). Every file's header is read, so a missing, truncated or corrupt file, or an index
-    naming a tensor its file lacks, is found before any tensor is loaded. arch: config.json's,
-    for the conversion hint."""
+    """Hugging Face name -> the safetensors file holding it (one file, or shards and an index). Each
+    header is read, so a missing, truncated or corrupt file, or an index naming a tensor its file
+    lacks, is found before any tensor loads. arch: config.json's, for the conversion hint."""
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.exists(index):
         weight_map = _read_json(index, "weight index").get("weight_map")
@@ -264,9 +261,8 @@ def _tensor_names(file):
 
 
 def check_folder(path):
-    """Check what loading the folder needs without loading a tensor: config.json (a supported
-    model), every weight file's header, tokenizer.json. Returns its ModelConfig; errors name the
-    file."""
+    """Check what loading needs, without loading a tensor: config.json (a supported model), every
+    weight file's header, tokenizer.json. Returns its ModelConfig; errors name the file."""
     cfg = read_config(path)
     _weight_files(path, cfg.arch)
     if not os.path.exists(os.path.join(path, "tokenizer.json")):
@@ -328,8 +324,7 @@ def load_model(path, device=None, dtype=None):
 
 
 def load_weights(model, path):
-    """Copy every checkpoint weight into model; any missing, unexpected or mis-shaped tensor is an
-    error."""
+    """Copy each checkpoint weight into model; one missing, unexpected or mis-shaped is an error."""
     files = _weight_files(path, model.config.arch)
     names = hf_names(model)
     used, handles = set(), {}
@@ -374,9 +369,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 
 
 def hf_tensors(model):
-    """(Hugging Face name, CPU tensor) pairs in a fixed order, one parameter at a time, LoRA merged
-    in, in the model's dtype. A parameter sharded across processes (FSDP2's DTensor) is gathered
-    first, so every process calls this in step (only rank 0 needs the tensors)."""
+    """(Hugging Face name, CPU tensor) pairs, in order, one at a time, LoRA merged, in the model's
+    dtype. A sharded parameter (FSDP2's DTensor) is gathered: every process calls this in step."""
     for name, (theirs, how) in hf_names(model).items():
         module = model.get_submodule(name.rsplit(".", 1)[0])
         w = model.get_parameter(name).detach()
@@ -410,12 +404,10 @@ def shard_plan(model, max_shard_size):
 
 
 def save_model(model, path, max_shard_size=5 * 10**9):
-    """Write config.json, the weights and the source checkpoint's tokenizer files into path, as
-    transformers does: one model.safetensors, or past max_shard_size bytes shards
-    model-0000i-of-0000n.safetensors and model.safetensors.index.json. Streamed: one shard (and one
-    tensor) at a time in memory. Under torchrun with a sharded model every process calls this (to
-    gather) and rank 0 writes. An OSError in rank 0's writes (a full disk) is raised after rank 0
-    has joined every gather, so no process is left waiting."""
+    """Write config.json, the weights and the source's tokenizer files into path as transformers
+    does: model.safetensors, or past max_shard_size bytes model-0000i-of-0000n.safetensors shards
+    and an index; one shard (and tensor) at a time in memory. A sharded model: every process calls
+    this (to gather), rank 0 writes, and raises its OSError (a full disk) after every gather."""
     tensors = hf_tensors(model)
     try:
         _save_model(model, path, max_shard_size, tensors)
@@ -426,7 +418,7 @@ def save_model(model, path, max_shard_size=5 * 10**9):
 
 
 def write_weights(tensors, file):
-    """safetensors' save_file, with a failed write raised as an OSError naming the file (safetensors
+    """safetensors' save_file; a failed write raised as an OSError naming the file (safetensors
     says only "Error while serializing: I/O error: No space left on device (os error 28)")."""
     try:
         save_file(tensors, file, metadata={"format": "pt"})
