@@ -30,10 +30,9 @@ class Sample:
 
 @dataclass
 class Pair:
-    """A preference pair: for `prompt`, `chosen` is better than `rejected`. Mined pairs carry
-    everything; agreement and warm-up pairs have no token ids, the default world's oracle pairs no
-    margin either. As JSON (pairs.jsonl, base_eval.json) the fields keep this order and the absent
-    (None) ones are left out."""
+    """For `prompt`, `chosen` is better than `rejected`. Agreement and warm-up pairs have no token
+    ids, the world's oracle pairs no margin either. As JSON (pairs.jsonl, base_eval.json) the fields
+    keep this order, and absent (None) ones are left out."""
     prompt: str
     chosen: str
     rejected: str
@@ -144,9 +143,8 @@ def pad_id(model_config):
 # ---- Padding -------------------------------------------------------------------------------------
 
 def pad(seqs, pad_id, side="right"):
-    """Pad a list of int lists to one (B, T) long tensor of ids and a (B, T) long mask (1 on real
-    tokens). The mask comes from each row's length, so a real token equal to pad_id (an EOS when
-    pad == eos) keeps mask 1."""
+    """Pad int lists to (B, T) long ids and mask (1 on real tokens); the mask comes from each row's
+    length, so a real token equal to pad_id (an EOS when pad == eos) keeps mask 1."""
     if side not in ("left", "right"):
         raise ValueError(f"pad side must be 'left' or 'right', got {side!r}")
     if not seqs:
@@ -174,15 +172,11 @@ def common_prefix(rows):
 
 
 def pack(rows, pad_id, groups=None, side="right"):
-    """Rows (int lists) in a (B, T) batch where rows that share a prefix compute it once: the rows
-    whose key in `groups` is equal (e.g. the K responses of one prompt; None: every row alone) fill
-    one batch row with their longest common prefix (branch 0), then each row's remaining tokens as
-    its own branch (1, 2, ...). A causal model given the branches (model.visible) computes each row
-    exactly as it computes it alone.
-
-    Returns a dict of (B, T) long tensors input_ids, attention_mask and branch, and index
-    (N, T_max): for each row, in the given order, the flat indices (into B*T) of its tokens, -1 past
-    its end."""
+    """Rows (int lists) in a (B, T) batch: rows with equal keys in `groups` (e.g. one prompt's K
+    responses; None: each alone) fill one batch row, their common prefix (branch 0), then each one's
+    remaining tokens as its branch (1, 2, ...), which a causal model given the branches
+    (model.visible) computes exactly as alone. -> a dict of (B, T) long input_ids, attention_mask,
+    branch, and index (N, T_max): each row's flat token indices (into B*T), -1 past its end."""
     keys = range(len(rows)) if groups is None else groups
     members = {}
     for i, key in enumerate(keys):
@@ -216,15 +210,12 @@ def last_index(batch, rows):
 # ---- Policy batches: the policy's own token ids --------------------------------------------------
 
 def policy_batch(prompts, responses, pad_id, side="right", groups=None):
-    """Batch prompt + response ids (lists of int lists, never re-tokenised) for the policy's
-    log-probs: a dict of (B, T) long tensors input_ids, attention_mask, and, for the N response
-    tokens, predict (N,) the flat index (into B*T) of the position that predicts each, target (N,)
-    the token and row (N,) its row, and n_tokens (R,) their number per row (a row's first token has
-    nothing before it to predict it: not counted).
-
-    groups: None, one row per (prompt, response), with response_mask (B, T), 1 exactly on the
-    response; or a key per row, and rows with equal keys share their common prefix (pack; the batch
-    then has a branch)."""
+    """Prompt + response ids (int lists, never re-tokenised) batched for the policy's log-probs: a
+    dict of (B, T) long input_ids, attention_mask, and for the N response tokens predict (N,), the
+    flat index (into B*T) of the position predicting each, target (N,) the token, row (N,) its row,
+    and n_tokens (R,) their number per row (a row's first token, predicted by nothing, not counted).
+    groups: None, a row each, with response_mask (B, T), 1 exactly on the response; or a key per
+    row, and rows with equal keys share their common prefix (pack; the batch has a branch)."""
     assert len(prompts) == len(responses), f"{len(prompts)} prompts but {len(responses)} responses"
     rows = [list(p) + list(r) for p, r in zip(prompts, responses)]
     batch = pack(rows, pad_id, groups, side)
@@ -246,10 +237,9 @@ def policy_batch(prompts, responses, pad_id, side="right", groups=None):
 # ---- Reward batches: each reward model formats and tokenises the text itself ---------------------
 
 def response_text(tokenizer, ids, stop_ids):
-    """Decode a sampled response to (text, finished): cut at its first stop id, which is dropped;
-    finished says whether there was one. Only the response ids are searched, never the prompt, whose
-    template may hold the same token. Special tokens stay in the text, so nothing the policy wrote
-    disappears unscored."""
+    """A sampled response's (text, finished): cut at its first stop id (dropped), if any. Only the
+    response is searched, not the prompt, whose template may hold it. Special tokens stay in the
+    text: nothing the policy wrote goes unscored."""
     stops = set(stop_ids)
     stop_at = next((i for i, t in enumerate(ids) if t in stops), None)
     return tokenizer.decode(list(ids)[:stop_at], skip_special_tokens=False), stop_at is not None
@@ -263,12 +253,10 @@ def reward_ids(tokenizer, fmt, prompt, response, finished, eos_id):
 
 
 def pair_ids(tokenizer, prompt, response, max_len):
-    """An encoder reward model's row: its tokenizer's pair encoding of (prompt, response), which the
-    post-processor in tokenizer.json builds ([CLS] prompt [SEP] response [SEP] for DeBERTa-v3). No
-    prompt format and no stop token: the encoder was trained on the bare pair. Past max_len tokens,
-    the response (the part being judged) is kept whole and the prompt is cut from its left, so its
-    end, next to the response, stays; a response too long alone keeps its beginning, and no prompt
-    token is left."""
+    """An encoder reward model's row: its tokenizer's pair encoding of (prompt, response) ([CLS]
+    prompt [SEP] response [SEP] for DeBERTa-v3), no prompt format or stop token: it was trained on
+    the bare pair. Past max_len tokens the response (being judged) stays whole and the prompt is cut
+    from its left, keeping its end; a response too long alone keeps its beginning, and no prompt."""
     prompt_enc = tokenizer.encode(prompt, add_special_tokens=False)
     response_enc = tokenizer.encode(response, add_special_tokens=False)
     room = max_len - tokenizer.post_processor.num_special_tokens_to_add(True)
@@ -281,8 +269,7 @@ def pair_ids(tokenizer, prompt, response, max_len):
 # ---- Prompt files --------------------------------------------------------------------------------
 
 def read_prompts(path):
-    """Prompts from a .jsonl file ({"prompt": ...} per line) or a .txt file (one per line); blank
-    lines are skipped."""
+    """Prompts from .jsonl ({"prompt": ...} a line) or .txt (one a line); blank lines skipped."""
     path = Path(path)
     if path.suffix not in (".jsonl", ".txt"):
         raise ValueError(f"prompt file {path}: unknown extension {path.suffix!r}, "
@@ -298,8 +285,7 @@ def read_prompts(path):
     for lineno, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
-        prompt = _jsonl_prompt(path, lineno, line) if path.suffix == ".jsonl" else line
-        prompts.append(prompt)
+        prompts.append(_jsonl_prompt(path, lineno, line) if path.suffix == ".jsonl" else line)
     if not prompts:
         raise ValueError(f"prompt file {path} has no prompts")
     return prompts
