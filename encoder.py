@@ -3,10 +3,9 @@ The encoder: a hand-written DeBERTa-v2/v3 reward model (He et al. 2021, "DeBERTa
 BERT with Disentangled Attention"), the kind of small student the paper uses (OpenAssistant's
 reward-model-deberta-v3-large-v2, a DebertaV2ForSequenceClassification with one label).
 
-Unlike model.py's decoders it reads the whole (prompt, response) pair at once, as its tokenizer's
-pair encoding [CLS] prompt [SEP] response [SEP] (data.pair_ids), with no causal mask; its reward is
-a pooler and a one-output classifier on the first token's final state. Right padding only:
-positions are slot indices.
+Unlike model.py's decoders it reads the whole pair, [CLS] prompt [SEP] response [SEP]
+(data.pair_ids), with no causal mask; its reward is a pooler and a one-output classifier on the
+first token's final state. Right padding only: positions are slot indices.
 
 What sets it apart is disentangled attention: a token is its content alone, and the distance
 between two tokens has embeddings of its own. The score of query i for key j adds three terms
@@ -14,9 +13,7 @@ between two tokens has embeddings of its own. The score of query i for key j add
 projection of the embedding of the distance d from i to j) and position to content k_j.pq_d, all
 divided by sqrt(D * the number of terms). DeBERTa-v2 maps distances to log-spaced buckets: exact
 up to half the buckets, then ever wider; v3 shares the content projections with the positions
-(share_att_key).
-encoder_config reads config.json into EncoderConfig; checkpoint.py loads and saves the weights.
-LoRA (model.add_lora) works on the Linear layers here as on the decoders'.
+(share_att_key). checkpoint.py loads and saves the weights; LoRA (model.add_lora) works here too.
 
 Shapes: B batch, T time, H heads, D head dim, C model dim, I MLP hidden size, S the relative span
 (there are 2S relative embeddings, for distances -S .. S-1).
@@ -93,8 +90,7 @@ DEBERTA_DEFAULTS = dict(
 
 
 def encoder_config(hf, common):
-    """A DeBERTa-v2/v3 config.json as EncoderConfig; a setting not implemented here is an error
-    that names its key."""
+    """A DeBERTa-v2/v3 config.json as EncoderConfig; an error names a setting not implemented."""
     get = lambda k: hf.get(k, DEBERTA_DEFAULTS[k])  # noqa: E731
     C, H = get("hidden_size"), get("num_attention_heads")
     where = f"in config.json of {common['source']}" if common["source"] else "in config.json"
@@ -142,7 +138,6 @@ def encoder_config(hf, common):
         cls_dropout=get("hidden_dropout_prob") if cls_dropout is None else cls_dropout)
 
 
-
 def log_buckets(rel, buckets, max_relative):
     """Relative distances -> bucketed distances (DeBERTa-v2): within half the buckets a distance is
     its own bucket; beyond, buckets widen geometrically so that max_relative lands on the last one.
@@ -154,9 +149,8 @@ def log_buckets(rel, buckets, max_relative):
 
 
 def distance_rows(T, cfg, device):
-    """(2T - 1,): for each distance d = i - j between a query i and a key j, from -(T - 1) up to
-    T - 1, the row of the 2S relative embeddings it reads (d, bucketed, plus S, clipped to the
-    table). Never decreasing."""
+    """(2T - 1,), never decreasing: for each distance d = i - j from 1 - T to T - 1, the row of the
+    2S relative embeddings it reads (d, bucketed, plus S, clipped to the table)."""
     d = torch.arange(1 - T, T, device=device)
     if cfg.buckets > 0:
         d = log_buckets(d, cfg.buckets, cfg.max_relative)
@@ -177,8 +171,7 @@ class Attention(nn.Module):
             if cfg.p2c:
                 self.pos_q = Linear(C, C)
         self.o = Linear(C, C)
-        # The scale counts the terms in pos_att_type, even with relative_attention off (as
-        # transformers does).
+        # The scale counts pos_att_type's terms even with relative_attention off, as transformers.
         self.scale = 1 / math.sqrt(self.D * (1 + cfg.c2p + cfg.p2c))
 
     def heads(self, x):  # (..., N, n C) -> (..., n H, N, D): n = 3 for q, k and v side by side
@@ -203,12 +196,11 @@ class Attention(nn.Module):
 
     def relative_scores(self, q, k, rel, rows):
         """The c2p and p2c terms of queries q (B, H, Tq, D) (the first Tq tokens) and keys
-        k (B, H, T, D), scaled: (B, H, Tq, T). Entry (i, j) depends on the distance i - j alone,
-        and these queries and keys meet M = T + Tq - 1 distances. So each term is one product
-        against the M distances' projected embeddings, (.., M) per query (or key), and a strided
-        view of it: with the distances in the right order, entry (i, j) sits one place further along
-        a row for each step of j, and each next row starts M - 1 places on (the "skew" of Huang et
-        al. 2018, Music Transformer), so nothing is gathered or copied."""
+        k (B, H, T, D), scaled: (B, H, Tq, T). Entry (i, j) depends on i - j alone, one of
+        M = T + Tq - 1 distances, so each term is one product against the M distances' projected
+        embeddings, (.., M) per query (or key), and a strided view of it: with the distances in
+        order, entry (i, j) is one place on per step of j, and each next row M - 1 places on (the
+        "skew" of Huang et al. 2018, Music Transformer), so nothing is gathered or copied."""
         cfg, (B, H, Tq, _), T = self.cfg, q.shape, k.shape[2]
         M = T + Tq - 1
         rel = F.dropout(rel, cfg.dropout, self.training)  # (R, C): projected once, not once per row
@@ -280,9 +272,8 @@ class Encoder(nn.Module):
             self.conv_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
 
     def forward(self, input_ids, attention_mask, first=False):
-        """Final hidden states (B, T, C); with first, only the first token's, (B, 1, C): the last
-        layer then computes that one row (its keys and values still come from every token), all a
-        reward reads."""
+        """Final hidden states (B, T, C); with first, only the first token's (B, 1, C), all a reward
+        reads: the last layer computes that one row (its keys and values from every token)."""
         cfg, T, p = self.cfg, input_ids.shape[1], self.cfg.dropout
         real = attention_mask.bool()[..., None]  # (B, T, 1)
         x = self.tok_emb(input_ids)  # (B, T, C)
@@ -306,8 +297,7 @@ class Encoder(nn.Module):
         return x
 
     def convolve(self, emb, x, real, p):
-        """DeBERTa-v2's convolution beside the first layer, on the embeddings (B, T, C), added to
-        its output x."""
+        """DeBERTa-v2's convolution beside layer 1: on the embeddings, added to its output x."""
         c = self.conv(emb.transpose(1, 2)).transpose(1, 2) * real  # (B, T, C), nothing at padding
         c, real = c[:, :x.shape[1]], real[:, :x.shape[1]]  # x: the first row alone (1 layer)
         c = ACTS[self.cfg.conv_act](F.dropout(c, p, self.training))
