@@ -1,16 +1,14 @@
 """
-The report of a run, and of several runs on the same axes: one self-contained HTML page with
-inline SVG charts.
+The report of a run, or of several on the same axes: one self-contained HTML page of SVG charts.
 
     report.html     in every run folder, rewritten after each finished round
     python tsalign.py --report runs/A runs/B runs/C -o compare.html  # several runs overlaid
     python tsalign.py --report runs/A runs/B runs/C -o compare.svg   # the main charts as one SVG
 
-Everything is drawn from the run folder's own files (config.json, metrics.jsonl,
-round_N/pairs.jsonl and examples.json, round_0/base_eval.json); a metric a folder lacks is no
-point. No JavaScript, nothing loaded from elsewhere: each point carries its value in an SVG
-<title>, which browsers show on hover. All text from the run (prompts, responses, options) is
-escaped.
+Everything is drawn from the run folder's own files (config.json, metrics.jsonl, round_N/
+pairs.jsonl and examples.json, round_0/base_eval.json); a metric a folder lacks is no point. No
+JavaScript, nothing loaded from elsewhere: each point's value is in an SVG <title>, which browsers
+show on hover. All text from the run (prompts, responses, options) is escaped.
 """
 import html
 import json
@@ -18,9 +16,8 @@ import math
 import os
 
 # Each chart: a title and its series, (label, metric key, key of its standard error or None).
-# Round 0 is the base policy. "calls" and "calls_bound" are cumulative teacher calls (warm-up
-# included) and their upper bound, the teacher scoring all K samples of every prompt;
-# "dropped:<reason>" counts dropped prompts.
+# Round 0 is the base policy. "calls": cumulative teacher calls (warm-up included); "calls_bound":
+# the teacher scoring all K samples of every prompt; "dropped:<reason>" counts dropped prompts.
 CHARTS = [
     ("Win rate vs base (greedy)", [("greedy", "win_rate_vs_base", "win_rate_stderr_vs_base")]),
     ("Win rate vs base (sampled)",
@@ -47,9 +44,8 @@ DASHES = ("", "6 3", "2 3", "8 3 2 3", "1 2")  # runs on one chart differ in das
 
 def number(x):
     """A finite float, or None (absent, null, NaN or not a number)."""
-    # NaN: the metrics.jsonl of older run folders holds NaN, not null, for a mean over nothing
-    # (student_teacher_agreement, the oracle accuracies, and chosen_len, rejected_len and
-    # chosen_longer_share of a round without pairs). A run writes null for these.
+    # NaN: older run folders' metrics.jsonl holds NaN, not null, for a mean over nothing (the
+    # agreement, the oracle accuracies, and the pair lengths of a round without pairs).
     if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x):
         return float(x)
     return None
@@ -74,9 +70,8 @@ def rows_of(metrics):
 # ---- A line chart, as SVG ------------------------------------------------------------------------
 
 def ticks(lo, hi, most=6):
-    """Round values for a y axis that covers [lo, hi]: the finest step of 1, 2 or 5 x 10^k that
-    needs at most `most` intervals (0.5, 0.6, 0.7 rather than 0.465, 0.57). Returns the values and
-    their labels."""
+    """Round values, and their labels, for a y axis over [lo, hi]: the finest step of 1, 2 or
+    5 x 10^k that needs at most `most` intervals (0.5, 0.6, 0.7 rather than 0.465, 0.57)."""
     mag = 10 ** math.floor(math.log10((hi - lo) / most))
     for step in (m * mag for m in (1, 2, 5, 10, 20, 50)):
         first, last = math.floor(lo / step + 1e-9), math.ceil(hi / step - 1e-9)
@@ -89,10 +84,9 @@ def ticks(lo, hi, most=6):
 
 
 def line_chart(title, series, width=440, height=270, line_at=None):
-    """series: [(label, color, dash, points, hollow=False)], points [(round, value, stderr or
-    None)], value None is no point. Returns an <svg> element: axes, one polyline per series, error
-    bars, a circle per point (hollow ones for hollow series) whose <title> holds its value, and the
-    legend; with line_at, a dashed line at that value (the base's win rate, 0.5)."""
+    """An <svg>: axes; per series a polyline, error bars, a circle per point (hollow if hollow)
+    titled with its value; the legend; a dashed line at line_at (the base's win rate, 0.5).
+    series: [(label, color, dash, points[, hollow])], points [(round, value or None, stderr)]."""
     points = [(x, y, e or 0) for _, _, _, pts, *_ in series for x, y, e in pts if y is not None]
     left, right, top = 52, 10, 26
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" '
@@ -156,8 +150,7 @@ def line_chart(title, series, width=440, height=270, line_at=None):
 # ---- Runs, charts, pages -------------------------------------------------------------------------
 
 def read_run(folder):
-    """A run folder's options, metrics per round, and (per round) a few mined pairs and held-out
-    examples."""
+    """A run folder's options, metrics per round, a few mined pairs per round, held-out examples."""
     def load(*path, lines=False, default=None):
         p = os.path.join(folder, *path)
         if not os.path.exists(p):
@@ -187,10 +180,9 @@ def labels(runs):
 
 
 def charts(runs, titles=None, first_only=False):
-    """The CHARTS (or those titled in titles; with first_only, their first series only) for these
-    runs. One run: a chart per title, its metrics told apart by colour and dash. Several runs: a
-    chart per title and metric, a series per run, each run with its own colour, dash and marker
-    (filled or hollow), so that the runs are told apart without colour too."""
+    """The CHARTS (or those in titles; first_only: their first series) of the runs. One run: a chart
+    per title, its metrics told apart by colour and dash. Several: a chart per title and metric, a
+    series per run, with its own colour, dash and marker (filled or hollow: not colour alone)."""
     names = labels(runs) if len(runs) > 1 else [""]
     out = []
     for title, specs in CHARTS:
@@ -308,8 +300,7 @@ def write_run_report(folder):
 
 
 def compare(folders, output):
-    """Several runs on the same axes: an HTML page, or with output *.svg the main charts as one
-    SVG."""
+    """Several runs on the same axes: an HTML page, or with output *.svg the main charts as one."""
     for f in folders:
         if not os.path.exists(os.path.join(f, "metrics.jsonl")):
             raise FileNotFoundError(f"{f} is not a run folder (no metrics.jsonl)")
