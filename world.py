@@ -10,19 +10,16 @@ Why this world shows what the paper claims:
 - The base policy is SFT on demonstrations whose *mode is wrong*: most of them drop the largest
   digit. Greedy decoding copies the flaw, while samples still hold right answers: there is room to
   improve, and the K samples contain the fix. (With random corruption only, the right token stays
-  the most likely one at every step: greedy decoding is then almost always right, and nothing can
-  beat it.)
+  the most likely at every step: greedy decoding is almost always right, and nothing beats it.)
 - The teacher (the largest reward model, initialised from the base policy) is trained on many
-  oracle pairs: good, not perfect. The student (much smaller) is trained on few: weak.
-  Student-only selection lets the policy game the weak student; the teacher's verdict keeps it
-  honest.
+  oracle pairs: good, not perfect. The student (much smaller) is trained on few: weak. Student-only
+  selection lets the policy game the weak student; the teacher's verdict keeps it honest.
 
-The three models are ordinary Hugging Face checkpoints with a word-level tokenizer. They ship with
-the repository (default_world/, under 1 MB), so every machine runs on the same weights and nothing
-is built on first use. `build` makes them again: `python world.py DIR`, or `--rebuild-world`,
-which builds into the user's cache and never over the shipped files. A rebuild is close to the
-shipped world, not equal to it: the build trains, and matrix kernels differ between CPU kinds in
-their last bits.
+The three models are ordinary Hugging Face checkpoints with a word-level tokenizer, shipped in
+default_world/ (under 1 MB): every machine runs on the same weights, nothing is built on first use.
+`build` makes them again (`python world.py DIR`, or `--rebuild-world`: into the user's cache, never
+over the shipped files), close to the shipped world but not equal: the build trains, and matrix
+kernels differ between CPU kinds in their last bits.
 """
 import json
 import os
@@ -58,25 +55,21 @@ SETTINGS = dict(
 FORMAT = "digits"
 MAX_NEW_TOKENS = 10  # the longest answer is 7 digits + EOS
 
-# The run settings this world picks for itself (config.WORLD; tsalign.py uses them unless told
-# otherwise), as measured on this world over five rounds and three seeds (docs/results.md has the
-# experiments):
-# - beta 4: answers are ~6 tokens, so a small beta (0.1) needs huge per-token log-ratio changes
-#   before the DPO loss saturates, and collapsed the policy. Within a round beta bounds how far DPO
-#   moves the policy from the round's start: at beta 1-2 it moved so far that the next round's
-#   samples left what the student and teacher judge well, and the win rate fell after round 2 or 3;
-#   at 4 it kept rising or held; at 8 round 1 gained little (0.65).
-# - student_length_penalty 0.5 (student score units per token): without it, after round 1 the
-#   student scored an extra copy of the largest digit above the right answer (it learned "longer is
-#   better" from round 1's pairs, 87% of whose chosen answers were longer), so its best and worst
-#   became two wrong answers for the teacher to order; the penalty keeps its picks nearer the right
-#   length (mined pairs 0.93-0.97 right, not 0.88-0.93).
+# The run settings this world picks for itself (config.WORLD, used unless told otherwise), as
+# measured on it over five rounds and three seeds (docs/results.md has the experiments):
+# - beta 4: answers are ~6 tokens, so beta 0.1 needs huge per-token log-ratio changes before the
+#   DPO loss saturates, and collapsed the policy. beta bounds how far a round moves the policy: at
+#   1-2 the next round's samples left what the student and teacher judge well, and the win rate
+#   fell after round 2 or 3; at 4 it kept rising or held; at 8 round 1 gained little (0.65).
+# - student_length_penalty 0.5 (student score units per token): without it the student, having
+#   learned "longer is better" from round 1's pairs (87% of chosen answers longer), scored an extra
+#   copy of the largest digit above the right answer, so its best and worst were two wrong answers;
+#   the penalty keeps its picks near the right length (mined pairs 0.93-0.97 right, not 0.88-0.93).
 # - lr 1e-4: at 2e-4 the win rate fell after round 3; 5e-5 gained nothing that beta 4 did not.
-# - min_margin 2.5 (in teacher score units): the teacher's margin predicts whether it is right;
-#   mined pairs with a margin below 1 were right about 60% of the time, above 2 over 90%.
-# - ~1,000 prompts per round: pairs from 256 prompts were too few for DPO to move the greedy answer,
-#   and 2,048 gained nothing; K = 8 (--k): at 16 the student's extremes were worse pairs (0.83-0.87
-#   right).
+# - min_margin 2.5 (teacher score units): the margin predicts whether the teacher is right; mined
+#   pairs with a margin below 1 were right about 60% of the time, above 2 over 90%.
+# - ~1,000 prompts per round: 256 gave too few pairs for DPO to move the greedy answer, 2,048
+#   gained nothing; K = 8 (--k): at 16 the student's extremes were worse pairs (0.83-0.87 right).
 
 SPECIALS = ["<pad>", "<bos>", "<sep>", "<eos>"]
 
