@@ -51,9 +51,8 @@ class Policy:
         return data.encode_prompt(self.tok, self.fmt, prompt)
 
     def sample(self, prompts, seeds, k, sampling, block=64, desc=None):
-        """k responses to each prompt (a list (P) of lists (k) of Sample), as sampling (a
-        config.Sampling) says. seeds: one per prompt, so that its samples do not depend on the block
-        or process it lands in."""
+        """k Samples per prompt (P lists), as sampling (a config.Sampling) says; a seed per prompt,
+        so that its samples do not depend on the block or process it lands in."""
         s = sampling
         generate = partial(self.generate, k=k, max_new_tokens=s.max_new_tokens,
                            temperature=s.temperature, top_p=s.top_p)
@@ -123,9 +122,8 @@ class Scorer:
         return reward_scores(self.model, rows, self.pad, groups=prompts)  # a prompt computed once
 
     def margins(self, prompts, firsts, seconds):
-        """How much it prefers each first data.Sample over its second, (N,) on the CPU, 2 calls a
-        pair: a reward model scores both; a judge is asked in both orders (disagreeing: a tie, 0;
-        NaN: an invalid answer)."""
+        """How much it prefers each first data.Sample to its second, (N,) on the CPU, in 2 calls: a
+        reward model scores both; a judge is asked in both orders (disagreeing: 0; invalid: NaN)."""
         n = len(prompts)
         if not self.judge:
             s = self.score(prompts * 2, [a.text for a in firsts] + [b.text for b in seconds],
@@ -172,9 +170,8 @@ class Scorer:
         return torch.cat(out)
 
     def scores_each(self, prompts, pools, block=64, batched=True):
-        """Per prompt, the scores of its pool of data.Samples, (n,) on the CPU, or None where the
-        pool is None. A reward model scores a block's pools in one batch (batched) or each pool
-        apart (n calls); a judge runs a tournament on each (n(n-1) calls)."""
+        """Per prompt, its pool of data.Samples' scores (n,) on the CPU (None for a None pool): a
+        block's pools in one batch (batched) or each apart; a judge by tournament (n(n-1) calls)."""
         def scores(prompts, pools):
             if self.judge:
                 return [self.tournament(p, [c.text for c in pool])[0]
