@@ -47,11 +47,6 @@ def init_distributed(device, always=False):
     return device
 
 
-def barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def broadcast(obj):
     """Rank 0's obj, on every rank."""
     if world_size() == 1:
@@ -85,15 +80,15 @@ def alone(fn, *args):
             fn(*args)
         finally:
             solo = False
-    barrier()
+    if dist.is_initialized():
+        dist.barrier()
 
 
 # ---- FSDP2: the policy and the student sharded across the processes (--fsdp) ---------------------
 
 def shard(model):
-    """--fsdp: shard the model with FSDP2 (fully_shard), each block then the rest. Each process
-    keeps 1/W of every weight, gradient and AdamW state; a forward gathers a block's weights just
-    before it runs, and training equals one process's."""
+    """--fsdp: FSDP2's fully_shard on each block, then the rest: each process keeps 1/W of every
+    weight, gradient and AdamW state (weights gathered per block); training equals one process's."""
     from torch.distributed.fsdp import fully_shard
     stack = model.encoder if model.config.encoder else model.decoder  # encoder.py's too
     for block in stack.blocks:
@@ -113,9 +108,8 @@ def sharded(model):
 
 @contextmanager
 def gathered(*models):
-    """The full weights of the sharded models on every process while the block runs (others are
-    left as they are): no collective in their forwards, so inference may do unequal work per
-    process, and sampling gathers once, not once per token."""
+    """The sharded models' full weights on every process while the block runs: their forwards then
+    call no collective (inference may do unequal work per process) and sampling gathers once."""
     from torch.distributed.fsdp import FSDPModule
     units = [(u, u is m) for m in models if sharded(m)
              for u in m.modules() if isinstance(u, FSDPModule)]
@@ -133,10 +127,9 @@ def gathered(*models):
 # ---- Sharing work out --------------------------------------------------------------------------
 
 def spread(fn, *columns, block=64, desc=None):
-    """fn over blocks of items, shared out among the processes (in one process, a loop). columns:
-    lists of n items, cut into blocks of `block`; process r of W calls fn(*columns[s:s + block]) on
-    blocks r, r+W, ..., fn returning one result per item, and every process gets all n results in
-    order. Results travel as pickles (keep them small, on the CPU). desc: a progress bar."""
+    """fn over blocks of `block` items of the columns (lists of n), one result per item: process r
+    of W runs blocks r, r+W, ... and every process gets all n results in order (as pickles: keep
+    them small, on the CPU). In one process a loop. desc: a progress bar."""
     starts = range(0, len(columns[0]), block)
     ours = [s for j, s in enumerate(starts) if j % world_size() == rank()]
     bar = tqdm(total=len(ours), desc=desc, disable=desc is None or not is_main(), leave=False,
