@@ -7,8 +7,7 @@
   of the rejected one (`dpo_loss`, fed by `sequence_logprobs`). `sft_loss` builds the default
   world's base policy, and is an optional extra term of DPO.
 
-Only torch is imported. Pairwise losses come back unreduced, (B,), with a dict of detached
-diagnostics.
+Only torch is imported. Pairwise losses come back unreduced, (B,), with detached diagnostics.
 
 Shapes: B batch (pairs, or sequences), T time, V vocab, N selected positions.
 """
@@ -18,24 +17,21 @@ import torch.nn.functional as F
 
 
 def token_logprobs(logits, labels):
-    """log p(labels) under softmax(logits), position by position, no shift:
-    (..., V), (...) -> (...) float32. The log-softmax runs in float32, so bf16 logits keep the
-    small differences log-probs are made of."""
+    """log p(labels) under softmax(logits), position by position, no shift: (..., V), (...) ->
+    (...) float32. The log-softmax is float32, so bf16 logits keep log-probs' small differences."""
     logp = F.log_softmax(logits.float(), dim=-1)  # (..., V)
     return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)  # (...)
 
 
 def sequence_logprobs(logits, labels, mask, average=False):
-    """log p(response | prompt) of each row, from the logits of its response positions only.
+    """log p(response | prompt) of each row, (B,) float32, from its response positions' logits.
 
-    labels (B, T) token ids; mask (B, T), 1 exactly on the response tokens (so left or right
-    padding both work); logits (N, V), the model's output at the N positions that predict a
-    response token, in row-major order: position t predicts labels[:, t + 1]. From full logits
-    (B, T, V) that is `logits[:, :-1][mask[:, 1:].bool()]`; computing the output layer only there
-    makes training fast, as it is the largest matmul of a small model. -> (B,) float32.
-
-    Summed over the response tokens (DPO's eq. 7, our default), or with average=True divided by
-    their number: the per-token mean that the IPO paper (Azar et al. 2023) and TRL's IPO loss use.
+    labels (B, T) token ids; mask (B, T), 1 exactly on the response tokens (left or right padding);
+    logits (N, V) at the N positions that predict a response token, row-major: position t predicts
+    labels[:, t + 1] (from full logits, `logits[:, :-1][mask[:, 1:].bool()]`: training computes the
+    output layer, a small model's largest matmul, only there). Summed over the response tokens
+    (DPO's eq. 7, our default), or with average=True their per-token mean, as the IPO paper (Azar
+    et al. 2023) and TRL's IPO loss use.
     """
     sel = mask[:, 1:].bool()  # (B, T-1): does position t predict a response token?
     logp = token_logprobs(logits, labels[:, 1:][sel])  # (N,)
@@ -50,10 +46,9 @@ def ranking_loss(r_chosen, r_rejected, margin=0.0):
 
         loss = -log sigmoid(r_c - r_r - m)
 
-    r_chosen, r_rejected (B,) scores; margin m >= 0 (`--student-margin`, default 0, plain
-    Bradley-Terry): the chosen score must beat the rejected one by about m before the loss stops
-    pushing. Returns losses (B,) and detached metrics: accuracy (share of pairs ranked right) and
-    mean margin.
+    r_chosen, r_rejected (B,) scores; margin m >= 0 (`--student-margin`; 0: plain Bradley-Terry):
+    the chosen must beat the rejected by about m before the loss stops pushing. Returns losses (B,)
+    and detached metrics: accuracy (share of pairs ranked right) and mean margin.
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
@@ -76,14 +71,13 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
         ipo (Azar et al. 2023, eq. 17):  (h - 1 / (2 beta))^2
         R-DPO (Park et al. 2024, "Disentangling Length from Quality in DPO"), with rdpo_alpha > 0
           and the responses' token counts (B,):
-          the sigmoid's argument beta * h becomes  beta * h + alpha (|y_c| - |y_r|).
-          It comes from a length-regularised reward, r - alpha |y|: a preference that the chosen
-          response's extra length already explains is not learned again, so length is not what
-          the policy learns to raise.
+          the sigmoid's argument beta * h becomes  beta * h + alpha (|y_c| - |y_r|),
+          from a length-regularised reward r - alpha |y|: a preference that the chosen response's
+          extra length already explains is not learned again, so length is not what it learns.
 
-    At h = 0, i.e. policy == reference, the sigmoid loss is log 2 (with R-DPO,
+    At h = 0 (policy == reference) the sigmoid loss is log 2 (with R-DPO,
     -log sigmoid(alpha (|y_c| - |y_r|))) and the IPO loss 1 / (4 beta^2): a cheap check that the
-    reference is really there. Returns losses (B,) and detached metrics on the implicit rewards
+    reference is there. Returns losses (B,) and detached metrics on the implicit rewards
     beta * (pi - ref) of chosen and rejected.
     """
     if beta <= 0:
@@ -117,17 +111,12 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
 
     r_c = beta * h_chosen.detach().float()  # (B,) implicit rewards
     r_r = beta * h_rejected.detach().float()  # (B,)
-    metrics = {
-        "rewards_chosen": r_c.mean(),
-        "rewards_rejected": r_r.mean(),
-        "reward_accuracy": (r_c > r_r).float().mean(),
-        "reward_margin": (r_c - r_r).mean(),
-    }
+    metrics = {"rewards_chosen": r_c.mean(), "rewards_rejected": r_r.mean(),
+               "reward_accuracy": (r_c > r_r).float().mean(), "reward_margin": (r_c - r_r).mean()}
     return losses, metrics
 
 
 def sft_loss(logps, n_tokens):
-    """Supervised fine-tuning: the mean negative log-likelihood per response token pooled over the
-    batch (every token weighs the same), from summed sequence log-probs (B,) and their token
-    counts (B,) -> scalar."""
+    """Supervised fine-tuning: the mean negative log-likelihood per response token over the batch
+    (each token weighs the same), from summed log-probs (B,) and token counts (B,) -> scalar."""
     return -logps.sum() / n_tokens.sum().clamp(min=1)
