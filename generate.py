@@ -1,13 +1,11 @@
 """
 Sampling from a causal LM: a small pipeline on the last position's logits, and a batched loop with
-a KV cache.
-
-`sample_token` turns logits into next tokens (temperature 0: argmax; else temperature, top-k,
-top-p, one draw). `generate` left-pads many prompts to one length and fills the KV cache in one
-prefill, a row per prompt; its K samples then decode in that row as K branches that all read the
-prompt's keys and values (model.visible), a token a step. A sample that stops leaves: the next
-steps compute only the samples still running, and now and then the cache drops the stopped ones'
-slots, and the rows whose samples all stopped.
+a KV cache. `sample_token` turns logits into next tokens (temperature 0: argmax; else temperature,
+top-k, top-p, one draw). `generate` left-pads many prompts to one length and fills the KV cache in
+one prefill, a row per prompt; its K samples then decode in that row as K branches that all read
+the prompt's keys and values (model.visible), a token a step. A sample that stops leaves: the next
+steps compute only the running ones, and now and then the cache drops the stopped ones' slots, and
+the rows whose samples all stopped.
 
 Shapes: P prompts, K samples per prompt, N = P * K samples, V vocab; the decoding grid is
 (rows, columns): a row per prompt still running, a column per sample.
@@ -28,10 +26,9 @@ def random_numbers(top_p):
 
 
 def sample_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None, u=None):
-    """logits (B, V) -> next token ids (B,). Temperature 0 is argmax; otherwise temperature, then
-    top-k, then top-p (the smallest set of most probable tokens whose probability reaches top_p;
-    Holtzman et al. 2020), then a draw. u: the draw's random numbers in (0, 1],
-    (B, random_numbers(top_p)); None draws them from generator."""
+    """logits (B, V) -> next token ids (B,). Temperature 0 is argmax; else temperature, top-k, top-p
+    (the smallest set of most probable tokens reaching top_p of the mass; Holtzman et al. 2020),
+    a draw. u: its random numbers in (0, 1], (B, random_numbers(top_p)); None: from generator."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float()
@@ -53,16 +50,14 @@ def sample_token(logits, temperature=0.0, top_k=None, top_p=None, generator=None
 
 
 def draw(cdf, u):
-    """Inverse-CDF draw: the first token whose cumulative probability reaches u * total, (B,).
-    With u in (0, 1], a token of probability zero is never drawn. One random number per row, where
-    torch.multinomial draws one per vocabulary entry (slow for a large vocabulary)."""
+    """Inverse-CDF draw, (B,): the first token whose cumulative probability reaches u * total; u in
+    (0, 1] never draws probability 0. One random number a row (torch.multinomial: one per token)."""
     return torch.searchsorted(cdf, u[:, None] * cdf[:, -1:]).squeeze(-1)
 
 
 def in_nucleus(probs, tok, top_p):
     """Whether each row's token (B,) is in its top-p nucleus: the tokens ranked before it (more
-    probable, or as probable with a lower id, as a stable sort ranks them) hold less than top_p of
-    the mass."""
+    probable, or as probable with a lower id, as a stable sort) hold less than top_p of the mass."""
     p = probs.gather(-1, tok[:, None])  # (B, 1)
     ids = torch.arange(probs.shape[-1], device=probs.device)
     before = (probs > p) | ((probs == p) & (ids < tok[:, None]))  # (B, V)
@@ -116,14 +111,11 @@ def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
              eos_token_id=None, generator=None, num_samples=1):
     """Sample continuations of many prompts (lists of token ids, any lengths) in one batch.
 
-    Returns the new token ids of each sequence (len(prompts) * num_samples lists, prompt-major:
-    prompt i's samples at i*K .. i*K+K-1), each ending with its stop token if it stopped on one (so
-    a list whose last id is not a stop id was truncated at max_new_tokens). eos_token_id: an id, a
-    list of ids (e.g. lm.config.stop_token_ids) or None (never stop).
-
-    generator: one torch.Generator for the batch, or one CPU generator per prompt, whose random
-    numbers are drawn up front: a prompt's samples then do not depend on the batch (or process) it
-    lands in, nor on when the samples beside them stop."""
+    Returns each sample's new token ids (P * K lists, prompt i's at i*K .. i*K+K-1), ending with its
+    stop token if it stopped on one (else it was truncated at max_new_tokens). eos_token_id: an id,
+    a list of ids (e.g. lm.config.stop_token_ids) or None (never stop). generator: one
+    torch.Generator for the batch, or one CPU generator per prompt, drawn from up front: a prompt's
+    samples then depend neither on its batch (or process) nor on when the samples beside it stop."""
     cfg = lm.config
     _check_sampling(prompts, max_new_tokens, temperature, top_k, top_p, num_samples,
                     cfg.max_positions)
@@ -180,9 +172,8 @@ def generate(lm, prompts, max_new_tokens, temperature=0.0, top_k=None, top_p=Non
 
 
 def _compact(cache, grid, live, steps):
-    """Drop the rows whose samples all stopped (their prompt with them), and in the others the
-    stopped samples' cells and slots; the live samples of a row move left, keeping their order.
-    steps: the decoding steps left, each of which needs a slot per column."""
+    """Drop the rows whose samples all stopped (prompt too), and in the others the stopped samples'
+    cells and slots; live ones move left, in order. steps: decoding steps left (a slot a column)."""
     rows = live.any(1).nonzero().squeeze(1)                  # (P',)
     grid, live = grid[rows], live[rows]
     col = live.long().cumsum(1) - 1                          # (P', G): each live cell's new column
