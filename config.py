@@ -1,8 +1,7 @@
 """
-The run's config: each option of `tsalign.py` is a field of RunConfig with its default and help, and
-the command line is built from them. A default of None comes from a preset, the default world's or
-the real checkpoints'. The run saves the resolved config as config.json, whose keys are these
-fields. RoundConfig is what one round reads of it.
+The run's config: the command line of `tsalign.py` is built from RunConfig's fields, each with its
+default and help; a default of None comes from a preset, the default world's or the real
+checkpoints'. The run saves it as config.json, keyed by these fields. RoundConfig: a round's part.
 """
 import argparse
 import os
@@ -140,8 +139,7 @@ def build_parser():
 
 
 def parse_args(argv):
-    """The options as a RunConfig, the preset's defaults filled in and every value checked; and the
-    names of the options given explicitly."""
+    """The options as a RunConfig (preset defaults in, all checked), and those given explicitly."""
     parser = build_parser()
     args = RunConfig(**vars(parser.parse_args(argv)))
     explicit = {k for k, v in vars(args).items() if v != parser.get_default(k)}
