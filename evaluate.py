@@ -122,8 +122,7 @@ def pair_metrics(prompts, samples, mined, k, selection, teacher_judge, oracle=No
 
 
 def train_metrics(trained):
-    """The round's training results (run_round's) as metrics, with the bytes of weights and AdamW
-    state each process held (under --fsdp, its shards)."""
+    """run_round's training results as metrics, and bytes of weights and AdamW state per process."""
     m = {"student_loss": trained["student"]["loss"]} if "student" in trained else {}
     if "policy" in trained:
         dpo = trained["policy"]

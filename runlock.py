@@ -19,9 +19,8 @@ class Refused(Exception):
 
 
 def new_folder(out):
-    """Create the run folder out and return it; with out None, a new dated folder under runs/.
-    os.mkdir fails for the second of two runs started in the same second: it takes the next name
-    (the date and time, then an x)."""
+    """Create the run folder out, or with out None a new one under runs/ named by the date and time
+    (a second run in the same second, refused by os.mkdir, adds an x), and return it."""
     try:
         if out is not None:
             os.makedirs(out, exist_ok=True)
