@@ -1,10 +1,9 @@
 """
 What changes when torchrun starts W processes (one per device, each with its RANK and LOCAL_RANK),
 and stopping at a safe point on Ctrl-C or SIGTERM. Every process runs all of tsalign.py and holds
-all the models (under --fsdp a shard of the policy and of the student). Blocks of a list of work go
-to the processes in turn, and every process gets every result (`spread`, called by roles.py); in
-training each takes its share of every batch and the same step (train_loop.train). In one process
-every function here is a plain loop or does nothing.
+all the models (under --fsdp a shard of the policy and the student). Blocks of work go to the
+processes in turn, and every result to all (`spread`, called by roles.py); in training each takes
+its share of every batch and the same step (train_loop.train). In one process: a loop, or nothing.
 """
 import math
 import os

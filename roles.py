@@ -1,9 +1,8 @@
 """
 The roles of a round: the policy that samples, and the reward models (student, teacher) or LLM
-judges that score and compare its responses. Each holds its model as `.model` with its tokenizer and
-prompt format: a caller gives text and gets samples or scores. `sample`, `answer` and `..._each`
-work in blocks of `block` prompts, shared out over torchrun's processes (parallel.py; in one process
-a loop over the blocks); score, margins, compare and tournament are one batch, here.
+judges that score and compare its responses, each with its `.model`, tokenizer and prompt format: a
+caller gives text and gets samples or scores. `sample`, `answer` and `..._each` work in blocks of
+`block` prompts shared out over torchrun's processes (parallel.py); the other methods, one batch.
 """
 import math
 from dataclasses import dataclass
