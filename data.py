@@ -1,11 +1,10 @@
 """
 Text in, token ids out; token ids in, padded batches out; and the records a round passes along.
 
-The policy, the student and the teacher may each have their own tokenizer and prompt format. So
-the policy trains on the exact token ids it sampled (policy_batch), while every reward model gets
-the *text* of a response and tokenises it with its own tokenizer and format (reward_ids). Masks
-are always built from lengths, never from `ids != pad_id`: many models use their EOS id as the pad
-id, and a mask built from ids would hide the final EOS from the loss and the reward head.
+The policy, the student and the teacher may each have their own tokenizer and prompt format: the
+policy trains on the exact token ids it sampled (policy_batch), each reward model tokenises the
+response's *text* in its own format (reward_ids). Masks come from lengths, never `ids != pad_id`:
+many models pad with their EOS id, and such a mask would hide the final EOS from loss and reward.
 
 Shapes: B batch (rows), T time (tokens per row, after padding).
 """
@@ -30,9 +29,8 @@ class Sample:
 
 @dataclass
 class Pair:
-    """For `prompt`, `chosen` is better than `rejected`. Agreement and warm-up pairs have no token
-    ids, the world's oracle pairs no margin either. As JSON (pairs.jsonl, base_eval.json) the fields
-    keep this order, and absent (None) ones are left out."""
+    """For `prompt`, `chosen` beats `rejected`; agreement and warm-up pairs lack token ids, the
+    world's oracle pairs a margin too. As JSON the fields keep this order; None ones are omitted."""
     prompt: str
     chosen: str
     rejected: str
@@ -237,9 +235,8 @@ def policy_batch(prompts, responses, pad_id, side="right", groups=None):
 # ---- Reward batches: each reward model formats and tokenises the text itself ---------------------
 
 def response_text(tokenizer, ids, stop_ids):
-    """A sampled response's (text, finished): cut at its first stop id (dropped), if any. Only the
-    response is searched, not the prompt, whose template may hold it. Special tokens stay in the
-    text: nothing the policy wrote goes unscored."""
+    """A sampled response's (text, finished): cut at its first stop id (dropped), if any, searched
+    in the response only (a prompt template may hold one). Special tokens stay: all is scored."""
     stops = set(stop_ids)
     stop_at = next((i for i, t in enumerate(ids) if t in stops), None)
     return tokenizer.decode(list(ids)[:stop_at], skip_special_tokens=False), stop_at is not None

@@ -11,10 +11,9 @@ run folder, written so that an interrupted run loses at most its round in progre
       round_N/            policy/ and student/ (Hugging Face checkpoints), pairs.jsonl,
                           examples.json, metrics.json
 
-A round folder is written under a temporary name and renamed into place when complete: round_N is
-always whole. Only rank 0 writes (under torchrun every process runs the loop). One run at a time
-holds the folder; a write that fails (a full disk) or a Ctrl-C stops every process with one line
-that says what is saved and how to continue, and --resume first checks every file it will read back.
+A round folder is written under a temporary name and renamed when complete (round_N is always
+whole), by rank 0 only; one run at a time holds the folder. A failed write (a full disk) or a Ctrl-C
+stops every process with one line (what is saved, how to continue); --resume checks all it reads.
 """
 import glob
 import json
