@@ -272,8 +272,8 @@ class Encoder(nn.Module):
             self.conv_norm = nn.LayerNorm(C, eps=cfg.norm_eps)
 
     def forward(self, input_ids, attention_mask, first=False):
-        """Final hidden states (B, T, C); with first, only the first token's (B, 1, C), all a reward
-        reads: the last layer computes that one row (its keys and values from every token)."""
+        """Final states (B, T, C); first: the first token's (B, 1, C), all a reward reads, the last
+        layer computing that row alone (its keys and values from every token)."""
         cfg, T, p = self.cfg, input_ids.shape[1], self.cfg.dropout
         real = attention_mask.bool()[..., None]  # (B, T, 1)
         x = self.tok_emb(input_ids)  # (B, T, C)

@@ -12,9 +12,8 @@ see `visible`), computed once; positions count the real tokens on a token's path
 shared row gives exactly what the sequence gives alone, and the projections and MLP see real tokens
 only. The KV cache serves generate.py; checkpoint.py loads and saves; LoRA is at the end.
 
-Shapes: B batch, T time (new tokens this call), S cache slots (keys), H query heads, Hkv key/value
-heads, D head dim, C model dim, V vocab, K samples per prompt, M real tokens of a batch, G branches
-of a row.
+Shapes: B batch, T time (new tokens), S cache slots (keys), H query heads, Hkv key/value heads,
+D head dim, C model dim, V vocab, K samples per prompt, M real tokens of a batch, G branches a row.
 """
 import math
 from dataclasses import dataclass, field, replace
@@ -60,9 +59,8 @@ class ModelConfig:
 # ---- Building blocks -----------------------------------------------------------------------------
 
 class Linear(nn.Linear):
-    """nn.Linear that may fuse projections (`parts`: their output sizes; q, k, v as one matmul, not
-    three), with optional LoRA adapters (Hu et al. 2021), one per part as PEFT has one per
-    projection: y = x W^T + b + s cat_j(x A_j^T B_j^T)."""
+    """nn.Linear that may fuse projections (`parts`: output sizes; q, k, v in one matmul) and have
+    LoRA adapters (Hu et al. 2021), one a part as PEFT's: y = x W^T + b + s cat_j(x A_j^T B_j^T)."""
 
     def __init__(self, in_features, out_features, bias=True, parts=None):
         super().__init__(in_features, out_features, bias=bias)
