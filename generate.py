@@ -65,10 +65,9 @@ def in_nucleus(probs, tok, top_p):
 
 
 def nucleus(probs, cdf, tok, u, top_p):
-    """Top-p sampling by rejection, without sorting the vocabulary of every row at every step: a
-    draw from the full distribution is kept if it is in the nucleus (then it follows the nucleus
-    distribution exactly; each try is kept with probability >= top_p). Rows still rejected after
-    NUCLEUS_TRIES draw from the sorted nucleus with their last random number: exact too."""
+    """Top-p by rejection, with no sort of every row's vocabulary each step: a draw from the full
+    distribution, kept if in the nucleus (with probability >= top_p), follows the nucleus exactly.
+    Rows rejected NUCLEUS_TRIES times draw from the sorted nucleus with their last random number."""
     tok, todo = tok.clone(), ~in_nucleus(probs, tok, top_p)  # (B,), (B,)
     for r in range(1, NUCLEUS_TRIES):
         rows = todo.nonzero().squeeze(-1)

@@ -31,8 +31,7 @@ def sequence_logprobs(logits, labels, mask, average=False):
     labels[:, t + 1] (from full logits, `logits[:, :-1][mask[:, 1:].bool()]`: training computes the
     output layer, a small model's largest matmul, only there). Summed over the response tokens
     (DPO's eq. 7, our default), or with average=True their per-token mean, as the IPO paper (Azar
-    et al. 2023) and TRL's IPO loss use.
-    """
+    et al. 2023) and TRL's IPO loss use."""
     sel = mask[:, 1:].bool()  # (B, T-1): does position t predict a response token?
     logp = token_logprobs(logits, labels[:, 1:][sel])  # (N,)
     row = torch.arange(len(labels), device=labels.device)[:, None].expand_as(sel)[sel]  # (N,)
@@ -48,8 +47,7 @@ def ranking_loss(r_chosen, r_rejected, margin=0.0):
 
     r_chosen, r_rejected (B,) scores; margin m >= 0 (`--student-margin`; 0: plain Bradley-Terry):
     the chosen must beat the rejected by about m before the loss stops pushing. Returns losses (B,)
-    and detached metrics: accuracy (share of pairs ranked right) and mean margin.
-    """
+    and detached metrics: accuracy (share of pairs ranked right) and mean margin."""
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}")
     diff = r_chosen - r_rejected  # (B,)
@@ -75,11 +73,9 @@ def dpo_loss(pi_chosen, pi_rejected, ref_chosen, ref_rejected, beta=0.1, loss_ty
           from a length-regularised reward r - alpha |y|: a preference that the chosen response's
           extra length already explains is not learned again, so length is not what it learns.
 
-    At h = 0 (policy == reference) the sigmoid loss is log 2 (with R-DPO,
-    -log sigmoid(alpha (|y_c| - |y_r|))) and the IPO loss 1 / (4 beta^2): a cheap check that the
-    reference is there. Returns losses (B,) and detached metrics on the implicit rewards
-    beta * (pi - ref) of chosen and rejected.
-    """
+    At h = 0 (policy == reference), a cheap check that the reference is there, the sigmoid loss is
+    log 2 (R-DPO's -log sigmoid(alpha (|y_c| - |y_r|))) and the IPO loss 1 / (4 beta^2). Returns
+    losses (B,) and detached metrics on the implicit rewards beta * (pi - ref) of both responses."""
     if beta <= 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if loss_type not in ("sigmoid", "ipo"):

@@ -90,8 +90,7 @@ def oracle(prompt, response):
 
 
 def with_mistake(digits, kinds, rng):
-    """The sorted digits with one mistake of a kind drawn from kinds (a swap of equal digits changes
-    nothing)."""
+    """Sorted digits, one mistake of a kind from kinds (swapping equal digits changes nothing)."""
     digits = list(digits)
     kind = rng.choice(kinds)
     i = rng.randrange(len(digits) - 1 if kind == "swap" else len(digits))  # swap i and i + 1
