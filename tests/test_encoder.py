@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from functools import partial
 from types import SimpleNamespace
 
 import pytest
@@ -148,6 +149,7 @@ def test_dropout_follows_the_config_in_training_only(tmp_path, hidden, attention
 def test_save_reloads_in_transformers_sharded_with_lora(tmp_path):
     make_deberta(tmp_path / "src", "A")
     ours = load_model(str(tmp_path / "src"), "cpu")
+    torch.manual_seed(0)  # the adapters' values, whatever tests ran before (the bounds below are tight)
     add_lora(ours, 2)
     assert {n.rsplit(".", 1)[0] for n, p in ours.named_parameters() if p.requires_grad} >= {
         "encoder.blocks.0.attn.qkv.lora_a", "encoder.blocks.1.mlp.down.lora_b", "pooler.lora_a", "score"}
@@ -164,10 +166,12 @@ def test_save_reloads_in_transformers_sharded_with_lora(tmp_path):
     with torch.no_grad():
         mine = ours(ids, mask)
         hf = tf.AutoModelForSequenceClassification.from_pretrained(str(out), dtype=torch.float32).eval()
-        assert (hf_rewards(hf, ids, mask) - mine).abs().max() < 1e-5
-        assert (load_model(str(out), "cpu")(ids, mask) - mine).abs().max() < 1e-5
+        # rewards of a few units: float32 through the adapters agrees to a few parts in a million
+        close = partial(torch.testing.assert_close, rtol=1e-5, atol=1e-5)
+        close(hf_rewards(hf, ids, mask), mine)
+        close(load_model(str(out), "cpu")(ids, mask), mine)
         merge_lora(ours)
-        assert (ours(ids, mask) - mine).abs().max() < 1e-5
+        close(ours(ids, mask), mine)
 
 
 def test_loading_ignores_what_transformers_ignores(tmp_path):
