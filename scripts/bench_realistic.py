@@ -2,8 +2,9 @@
 The benchmark's realistic section (`python scripts/bench.py --only realistic`): a TS-Align round as a real run
 has it, against the same round composed from transformers, used as peers use it.
 
-    python scripts/bench.py --only realistic                       # about 10 minutes on 2 cores (6 layers)
-    python scripts/bench.py --only realistic --realistic-layers 30 # SmolLM2's full depth (about 3 hours here)
+    python scripts/bench.py --only realistic                       # 6 layers: 30-60 minutes on 2 cores
+    python scripts/bench.py --only realistic --realistic-cases student,teacher,dpo   # the quick cases
+    python scripts/bench.py --only realistic --realistic-layers 30 # SmolLM2's full depth (hours)
 
 What makes it realistic, where the other sections are not:
 - prompts of 100-300 tokens, SmolLM2's chat template included (its token ids; the words between are random);
@@ -16,7 +17,7 @@ What makes it realistic, where the other sections are not:
 
 The models keep SmolLM2's widths (policy and student: C 576, 9/3 heads, MLP 1536, V 49152; teacher: 360M's
 C 960, 15/5 heads, MLP 2560) with --realistic-layers layers each (default 6, so that the section fits in
-about 10 minutes; SmolLM2 has 30 and 32): every case does the same work per layer on both sides, so the
+less time; SmolLM2 has 30 and 32): every case does the same work per layer on both sides, so the
 ratios move little with depth, while the output layer's share grows as layers are removed.
 Ours calls the library as tsalign.py does (generate, reward_scores with the prompt as group, reference_logprobs
 and response_logprobs on packed pairs); transformers gets the same rows in the same batches and order (its
