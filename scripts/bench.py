@@ -395,8 +395,7 @@ def bench_round(lm, hf, args, gen, results):
         def score(rm, rows, keys, train):  # a prompt computed once for its rows (data.pack), as tsalign.py does
             if not train:
                 return train_loop.reward_scores(rm, rows, 0, 64, groups=keys)
-            b = data.pack(rows, 0, keys)
-            return rm(b["input_ids"], b["attention_mask"], branch=b["branch"], select=data.last_index(b, rows))
+            return train_loop.rewards(rm, rows, 0, keys, "cpu")  # as train_loop.train_reward does
 
         one_round(lambda: generate(lm, prompts, Tr, temperature=1.0, top_p=0.95, eos_token_id=None, generator=g,
                                    num_samples=K), score,

@@ -181,8 +181,7 @@ def bench_realistic(bench, args, gen, results):
         rows = [c for c, _ in pairs] + [r for _, r in pairs]
         rm.train()
         if ours:
-            b = data.pack(rows, PAD, list(range(len(pairs))) * 2)
-            r = rm(b["input_ids"], b["attention_mask"], branch=b["branch"], select=data.last_index(b, rows))
+            r = train_loop.rewards(rm, rows, PAD, list(range(len(pairs))) * 2, "cpu")  # as train_reward does
         else:
             ids, mask = data.pad(rows, PAD)
             r = rm(input_ids=ids, attention_mask=mask).logits[:, 0]
